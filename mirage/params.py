@@ -1,0 +1,177 @@
+"""params.yaml, loaded once and validated into typed, frozen objects.
+
+Every stage receives only its own section.  Unknown keys and bad values fail
+before any work starts, naming the key (pydantic does the naming).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """A short hash of the section's values: part of every item key."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Split(Section):
+    n: int = Field(gt=0)
+    seed: int
+    min_objects: int = Field(ge=1)
+    max_objects: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Split":
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        return self
+
+
+class Toyworld(Section):
+    image_size: int = Field(ge=16)
+    classes: tuple[str, ...] = Field(min_length=2)
+    colors: tuple[str, ...] = Field(min_length=1)
+    object_size: tuple[int, int]
+    train: Split
+    test: Split
+    shard_rows: int = Field(default=1024, gt=0)
+
+
+class TrainGenerator(Section):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    seed: int
+    block_out_channels: tuple[int, ...]
+    train_timesteps: int = Field(gt=1)
+    label_dropout: float = Field(ge=0, lt=1)
+
+
+class TrainEncoder(Section):
+    config: str
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=1)
+    lr: float = Field(gt=0)
+    seed: int
+
+
+class Generate(Section):
+    classes: tuple[str, ...] = Field(min_length=1)
+    prompt_template: str
+    per_class: int = Field(gt=0)
+    seed: int
+    steps: int = Field(gt=0)
+    guidance: float = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    shard_rows: int = Field(default=1024, gt=0)
+
+    @model_validator(mode="after")
+    def _template(self) -> "Generate":
+        if "{}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{}' for the class name")
+        return self
+
+
+class Features(Section):
+    batch_size: int = Field(gt=0)
+    patches: bool
+    shard_rows: int = Field(default=1024, gt=0)
+
+
+class Discover(Section):
+    classes: tuple[str, ...] = Field(min_length=2)
+    prompt_template: str
+    tau: float = Field(ge=-1, le=1)
+    eps: float = Field(gt=0)
+    shard_rows: int = Field(default=4096, gt=0)
+
+
+class TrainDetector(Section):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    seed: int
+    min_size: int = Field(ge=16)
+
+
+class Evaluate(Section):
+    iou: float = Field(gt=0, le=1)
+    random_seed: int
+    score_thresh: float = Field(ge=0, le=1)
+    grid_images: int = Field(ge=0)
+
+
+class Params(Section):
+    toyworld: Toyworld
+    train_generator: TrainGenerator
+    train_encoder: TrainEncoder
+    generate: Generate
+    features: Features
+    discover: Discover
+    train_detector: TrainDetector
+    evaluate: Evaluate
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml, with the offending keys named."""
+
+
+def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one `-S section.key=value` override; the key must already exist."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        if not isinstance(node.get(part), dict):
+            raise ParamsError(f"unknown parameter {'.'.join(parents[: i + 1])!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ParamsError(f"unknown parameter {dotted!r}")
+    node[leaf] = value
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming every bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found (run from the project root or pass --params)")
+    tree = yaml.safe_load(path.read_text()) or {}
+    for key, value in (overrides or {}).items():
+        set_key(tree, key, value)
+    return validate(tree, path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (so 3, 0.5, true, [a, b] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"override {text!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:
+    """Write overrides into params.yaml in place (what `dvc exp run -S` does)."""
+    path = Path(path)
+    tree = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        set_key(tree, key, value)
+    validate(tree, path)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    tmp.replace(path)
+
+
+def validate(tree: dict[str, Any], path: Path) -> Params:
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ParamsError(f"invalid {path}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,79 @@
+"""Every table's schema.  All writers and readers go through here.
+
+Conventions: boxes are (x, y, w, h) in pixels of the stored image; masks are
+COCO RLE `counts` strings (pycocotools, Fortran order) of the image's size;
+embeddings are L2-normalised float16.  Every table starts with `key`, the
+item key that the shard store uses for item-level incrementality.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+BOX = pa.list_(pa.float32(), 4)
+
+OBJECT_TRUTH = pa.struct(
+    [
+        ("class_name", pa.string()),
+        ("color", pa.string()),
+        ("box", BOX),
+        ("mask", pa.string()),
+    ]
+)
+
+SCENES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("image", pa.binary()),  # PNG bytes
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("seed", pa.int64()),
+        ("objects", pa.list_(OBJECT_TRUTH)),
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("image", pa.binary()),  # PNG bytes
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("prompt", pa.string()),
+        ("class_name", pa.string()),
+        ("seed", pa.int64()),
+        ("model", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float32()),
+    ]
+)
+
+
+def features(dim: int, patch_len: int | None) -> pa.Schema:
+    """Features of one encoder: `embedding` has `dim` values; `patches`, when
+    cached, holds grid_h * grid_w * channels values (grid in the metadata)."""
+    fields = [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("model", pa.string()),
+        ("embedding", pa.list_(pa.float16(), dim)),
+    ]
+    if patch_len:
+        fields.append(("patches", pa.list_(pa.float16(), patch_len)))
+    return pa.schema(fields)
+
+
+OBJECTS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image_id", pa.string()),
+        ("object", pa.int32()),
+        ("box", BOX),
+        ("mask", pa.string()),
+        ("score", pa.float32()),
+        ("label", pa.string()),
+        ("label_score", pa.float32()),
+        ("prompt_class", pa.string()),  # the generating prompt's class, if known
+    ]
+)

@@ -1,0 +1,32 @@
+"""What every stage's flow module shares: its command line and progress bars.
+
+A stage's command (in dvc.yaml) is `python -m flows.<stage> --params
+params.yaml --<path> ...`; `mirage run` calls the same `main(argv)` in-process
+with the argv parsed from dvc.yaml, so paths live in dvc.yaml only.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from tqdm import tqdm
+
+from mirage import params as params_mod
+
+
+def parser(stage: str, paths: Sequence[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m flows.{stage}", description=f"mirage stage {stage}")
+    p.add_argument("--params", default="params.yaml", help="the project's params.yaml")
+    for name in paths:
+        p.add_argument(f"--{name}", required=True)
+    return p
+
+
+def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple[params_mod.Params, argparse.Namespace]:
+    args = parser(stage, paths).parse_args(argv)
+    return params_mod.load(args.params), args
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A progress bar on stderr that stays quiet when nothing is to be done."""
+    return tqdm(total=total, desc=desc, unit="item", disable=total == 0, leave=False, mininterval=1.0)
