@@ -1,0 +1,63 @@
+"""Stage features: encoder embeddings (+ patch keys) of the generated images."""
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+
+from mirage import schema
+from mirage.fingerprint import encoder_spec, model_fingerprint
+from mirage.models import Encoder, load_encoder
+from mirage.params import Features
+from mirage.stage import parse, progress
+from mirage.store import ShardStore, item_key, read_table
+from tasks.features import embed_images
+
+VERSION = 1
+
+
+@task
+def encode(encoder: Encoder, model_id: str, fschema: pa.Schema, cfg: Features, rows: list[dict]) -> pa.Table:
+    emb, keys = embed_images(encoder, [r["image"] for r in rows], cfg.patches)
+    cols = {
+        "key": [r["key"] for r in rows],
+        "id": [r["id"] for r in rows],
+        "model": [model_id] * len(rows),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float16()), emb.shape[1]),
+    }
+    if keys is not None:
+        cols["patches"] = pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.float16()), keys.shape[1])
+    return pa.table(cols, schema=fschema)
+
+
+@flow(name="features")
+def features_flow(cfg: Features, images: str, encoder_arg: str, out: str) -> dict[str, int]:
+    log = get_run_logger()
+    spec = encoder_spec(encoder_arg)
+    model_id = model_fingerprint(spec)
+    encoder = load_encoder(spec)
+    gh, gw = encoder.patch_grid
+    patch_len = gh * gw * encoder.key_dim if cfg.patches else None
+    meta = {"stage": "features", "model": model_id, "params": cfg.digest(),
+            "grid": f"{gh},{gw},{encoder.key_dim}", "patches": "last-block attention keys"}
+    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows)
+    source = read_table(images, columns=["key", "id", "image"]).to_pylist()
+    wanted = []
+    for row in source:
+        key = item_key("features", VERSION, row["key"], model_id, cfg.patches)
+        wanted.append((key, {"key": key, "id": row["id"], "image": row["image"]}))
+    with progress(len(wanted), "features") as bar:
+        stats = store.update(wanted, lambda rows: encode(encoder, model_id, store.schema, cfg, rows),
+                             cfg.batch_size, bar.update)
+    log.info("features: %d items (%d computed, %d reused) with %s", stats.wanted, stats.computed, stats.reused, model_id)
+    return {"items": stats.wanted, "computed": stats.computed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    params, args = parse("features", ["images", "encoder", "out"], argv)
+    features_flow(params.features, args.images, args.encoder, args.out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""Stage train_encoder: the toy profile's open_clip model, in open_clip's local-dir layout."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from mirage.images import decode_png
+from mirage.models import save_encoder
+from mirage.params import TrainEncoder
+from mirage.stage import parse, progress
+from mirage.store import atomic_dir, read_table
+from tasks.train_encoder import train
+
+
+@flow(name="train_encoder")
+def train_encoder_flow(cfg: TrainEncoder, scenes: str, out: str) -> float:
+    log = get_run_logger()
+    rows = read_table(scenes, columns=["image", "caption"]).to_pylist()
+    images = np.stack([decode_png(r["image"]) for r in rows])
+    captions = [r["caption"] for r in rows]
+    log.info("training %s on %d captioned images, %d steps", cfg.config, len(rows), cfg.steps)
+    losses: list[float] = []
+    with progress(cfg.steps, "train_encoder") as bar:
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        encoder = train(cfg, images, captions, on_step)
+    with atomic_dir(out) as tmp:
+        save_encoder(encoder.model, cfg.config, tmp)
+    final = float(np.mean(losses[-50:]))
+    log.info("saved %s (final loss %.3f)", out, final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    params, args = parse("train_encoder", ["scenes", "out"], argv)
+    train_encoder_flow(params.train_encoder, args.scenes, args.out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

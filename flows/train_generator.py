@@ -1,0 +1,65 @@
+"""Stage train_generator: the toy profile's diffusion model, saved with save_pretrained."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import flow, get_run_logger
+
+from mirage.images import decode_png
+from mirage.params import TrainGenerator
+from mirage.stage import parse, progress
+from mirage.store import read_table
+from tasks.train_generator import train
+
+
+def load_labelled(scenes_dir: str, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and the class of each image's largest object."""
+    rows = read_table(scenes_dir, columns=["image", "objects"]).to_pylist()
+    images = np.stack([decode_png(r["image"]) for r in rows])
+    labels = [
+        class_names.index(max(r["objects"], key=lambda o: o["box"][2] * o["box"][3])["class_name"])
+        for r in rows
+    ]
+    return images, np.array(labels)
+
+
+def save_atomically(pipe, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+@flow(name="train_generator")
+def train_generator_flow(cfg: TrainGenerator, class_names: list[str], scenes: str, out: str) -> float:
+    log = get_run_logger()
+    images, labels = load_labelled(scenes, class_names)
+    log.info("training on %d images, %d classes, %d steps", len(images), len(class_names), cfg.steps)
+    losses: list[float] = []
+    with progress(cfg.steps, "train_generator") as bar:
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if step % 500 == 0:
+                log.info("step %d loss %.4f", step, np.mean(losses[-50:]))
+        pipe = train(cfg, images, labels, class_names, on_step)
+    save_atomically(pipe, Path(out))
+    final = float(np.mean(losses[-100:]))
+    log.info("saved %s (final loss %.4f)", out, final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    params, args = parse("train_generator", ["scenes", "out"], argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    train_generator_flow(params.train_generator, list(params.toyworld.classes), args.scenes, args.out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
