@@ -159,14 +159,25 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:
     """Write overrides into params.yaml in place (what `dvc exp run -S` does)."""
+    from ruamel.yaml import YAML  # round-trips comments and anchors (DVC depends on it)
+
     path = Path(path)
-    tree = yaml.safe_load(path.read_text())
+    rt = YAML()
+    tree = rt.load(path.read_text())
     for key, value in overrides.items():
         set_key(tree, key, value)
-    validate(tree, path)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    validate(yaml.safe_load(_dump(rt, tree)), path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_dump(rt, tree))
     tmp.replace(path)
+
+
+def _dump(rt, tree) -> str:
+    import io
+
+    buf = io.StringIO()
+    rt.dump(tree, buf)
+    return buf.getvalue()
 
 
 def validate(tree: dict[str, Any], path: Path) -> Params:

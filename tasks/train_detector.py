@@ -98,7 +98,7 @@ def train(
         opt.step()
         sched.step()
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return model.eval(), dcfg
 
 
