@@ -1,0 +1,65 @@
+import numpy as np
+
+from mirage.images import decode_mask, encode_mask
+from tasks.discover import cut_to_object, second_eigenvector, tokencut
+
+
+def block_features(grid, fg, rng, noise=0.05, dim=16):
+    """Patch features: one direction for the background, another for the object."""
+    bg_dir, fg_dir = np.eye(dim)[0], np.eye(dim)[1]
+    f = np.where(fg.reshape(-1, 1), fg_dir, bg_dir) + rng.normal(0, noise, (grid[0] * grid[1], dim))
+    return f.astype(np.float32)
+
+
+def test_tokencut_finds_the_object_exactly():
+    rng = np.random.default_rng(0)
+    fg = np.zeros((8, 8), dtype=bool)
+    fg[2:5, 3:7] = True
+    cut = tokencut(block_features((8, 8), fg, rng), (8, 8), tau=0.2, eps=1e-5)
+    assert np.array_equal(cut.patch_mask, fg)
+    mask, box = cut_to_object(cut, 32, 32)
+    assert box == [12.0, 8.0, 16.0, 12.0]  # patches 3..6 x 2..4 at 4 px per patch
+    assert np.array_equal(decode_mask(encode_mask(mask), 32, 32), mask)
+
+
+def test_connected_component_of_the_seed_only():
+    rng = np.random.default_rng(1)
+    fg = np.zeros((8, 8), dtype=bool)
+    fg[1:4, 1:4] = True   # larger object holds the seed
+    fg[6:8, 6:8] = True   # a separate blob on the same side of the cut
+    cut = tokencut(block_features((8, 8), fg, rng), (8, 8), tau=0.2, eps=1e-5)
+    assert cut.patch_mask.sum() in (9, 4)
+    assert not (cut.patch_mask[1:4, 1:4].any() and cut.patch_mask[6:8, 6:8].any())
+
+
+def test_solver_sign_does_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(2)
+    fg = np.zeros((8, 8), dtype=bool)
+    fg[4:7, 0:3] = True
+    feats = block_features((8, 8), fg, rng, noise=0.2)
+    expected = tokencut(feats, (8, 8), 0.2, 1e-5).patch_mask
+    eigh = np.linalg.eigh
+    monkeypatch.setattr("tasks.discover.np.linalg.eigh", lambda m: (eigh(m)[0], -eigh(m)[1]))
+    x, _ = second_eigenvector(feats, 0.2, 1e-5)
+    assert x[np.argmax(np.abs(x))] > 0
+    assert np.array_equal(tokencut(feats, (8, 8), 0.2, 1e-5).patch_mask, expected)
+    assert np.array_equal(expected, fg)
+
+
+def test_sparse_solver_path_agrees_with_dense():
+    rng = np.random.default_rng(3)
+    fg = np.zeros((30, 30), dtype=bool)  # 900 nodes: above DENSE_MAX_NODES, so eigsh
+    fg[5:15, 8:20] = True
+    feats = block_features((30, 30), fg, rng, noise=0.2)
+    x_sparse, val_sparse = second_eigenvector(feats, 0.2, 1e-5)
+    import tasks.discover as d
+
+    old = d.DENSE_MAX_NODES
+    d.DENSE_MAX_NODES = 10_000
+    try:
+        x_dense, val_dense = second_eigenvector(feats, 0.2, 1e-5)
+    finally:
+        d.DENSE_MAX_NODES = old
+    assert np.allclose(val_sparse, val_dense, atol=1e-6)
+    assert np.array_equal(x_sparse > x_sparse.mean(), x_dense > x_dense.mean())
+    assert np.array_equal(tokencut(feats, (30, 30), 0.2, 1e-5).patch_mask, fg)

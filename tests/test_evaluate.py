@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from tasks.evaluate import coco_detection, corloc, prompt_alignment
+
+
+def test_corloc_hand_cases():
+    gt = [[[0, 0, 10, 10]], [[0, 0, 10, 10], [20, 20, 10, 10]], [[0, 0, 10, 10]], [[5, 5, 4, 4]]]
+    pred = [
+        [0, 0, 10, 10],   # exact: hit
+        [21, 21, 10, 10], # IoU 81/119 = 0.68 with the second box: hit
+        [5, 0, 10, 10],   # IoU 50/150 = 0.33: miss
+        [0, 0, 0, 0],     # nothing found: miss
+    ]
+    assert corloc(pred, gt, 0.5) == 0.5
+    assert corloc(pred, gt, 0.3) == 0.75
+
+
+def test_coco_ap_perfect_and_half_recall():
+    gt = [[[0, 0, 10, 10], [20, 20, 8, 8]], [[4, 4, 12, 12]]]
+    perfect = [{"boxes": np.array(b, dtype=float), "scores": np.ones(len(b))} for b in gt]
+    stats, pr = coco_detection(gt, perfect, (32, 32))
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+    assert (pr == 1).all()
+    # two of three objects found, no false positive: precision 1 up to recall 2/3
+    partial = [{"boxes": np.array([[0, 0, 10, 10]], dtype=float), "scores": np.array([0.9])},
+               {"boxes": np.array([[4, 4, 12, 12]], dtype=float), "scores": np.array([0.8])}]
+    stats, _ = coco_detection(gt, partial, (32, 32))
+    assert stats["AP50"] == pytest.approx(67 / 101, abs=1e-6)
+    stats, _ = coco_detection(gt, [{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * 2, (32, 32))
+    assert stats["AP50"] == 0.0
+
+
+def test_prompt_alignment():
+    text = np.eye(3)
+    images = np.array([[1, 0, 0], [0, 0.9, 0.1], [0.6, 0.4, 0], [0, 0, 1]])
+    assert prompt_alignment(images, text, [0, 1, 1, 2]) == 0.75

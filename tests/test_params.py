@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from mirage import params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load():
+    p = params.load(ROOT / "params.yaml")
+    assert p.discover.tau == 0.2
+    assert p.generate.classes == p.toyworld.classes
+
+
+def test_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((ROOT / "params.yaml").read_text().replace("tau:", "tua:"))
+    with pytest.raises(params.ParamsError, match=r"discover\.tua"):
+        params.load(bad)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(params.ParamsError, match=r"generate\.per_class"):
+        params.load(ROOT / "params.yaml", {"generate.per_class": 0})
+    with pytest.raises(params.ParamsError, match=r"unknown parameter 'generate\.nope'"):
+        params.load(ROOT / "params.yaml", {"generate.nope": 1})
+
+
+def test_override_parsing():
+    assert params.parse_override("discover.tau=0.3") == ("discover.tau", 0.3)
+    assert params.parse_override("toyworld.classes=[circle, square]") == ("toyworld.classes", ["circle", "square"])
+    with pytest.raises(params.ParamsError):
+        params.parse_override("no-equals-sign")
+
+
+def test_write_overrides_keeps_comments_and_validates(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    params.write_overrides(path, {"discover.tau": 0.35})
+    text = path.read_text()
+    assert "TokenCut's affinity threshold" in text
+    assert params.load(path).discover.tau == 0.35
+    with pytest.raises(params.ParamsError):
+        params.write_overrides(path, {"discover.tau": 7})
+    assert params.load(path).discover.tau == 0.35  # a rejected override changes nothing
