@@ -17,21 +17,28 @@ from mirage.models import Encoder, load_encoder
 from mirage.params import Discover, Evaluate, Params
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
-from tasks.discover import cut_to_object, tokencut
+from tasks.discover import cut_to_object, discover_objects
 from tasks.evaluate import coco_detection, corloc, prompt_alignment
 from tasks.train_detector import load_detector, predict
 
 
-def discovery_boxes(encoder: Encoder, images: np.ndarray, cfg: Discover) -> list[list[float]]:
-    """TokenCut box per image, features computed on the fly."""
-    boxes = []
+def discovery_boxes(encoder: Encoder, images: np.ndarray, cfg: Discover) -> list[dict[str, np.ndarray]]:
+    """Per image the discovered boxes (x, y, w, h px, best cut first) with their
+    scores, features computed on the fly."""
+    out = []
     h, w = images.shape[1:3]
     for start in range(0, len(images), 128):
         with torch.inference_mode():
             _, keys = encoder.encode_images(images[start : start + 128])
         for k in keys.float().numpy():
-            boxes.append(cut_to_object(tokencut(k, encoder.patch_grid, cfg.tau, cfg.eps), h, w)[1])
-    return boxes
+            cuts = discover_objects(k, encoder.patch_grid, cfg)
+            out.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts]).reshape(-1, 4),
+                        "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+    return out
+
+
+def top_box(found: dict[str, np.ndarray]) -> list[float]:
+    return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
 
 
 def draw_grid(images: np.ndarray, gt: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
@@ -63,13 +70,18 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
 
     encoder = load_encoder(encoder_spec(encoder_arg))
     baseline = load_encoder(f"random:{params.train_encoder.config}:{cfg.random_seed}", encoder.device)
-    learned_boxes = discovery_boxes(encoder, test_images, dcfg)
-    random_boxes = discovery_boxes(baseline, test_images, dcfg)
+    learned = discovery_boxes(encoder, test_images, dcfg)
+    random = discovery_boxes(baseline, test_images, dcfg)
+    discovery_coco, _ = coco_detection(gt, learned, test_images.shape[1:3])
 
-    model = load_detector(detector)
-    dets = predict(model, test_images)
-    dets = [{"boxes": d["boxes"][d["scores"] >= cfg.score_thresh], "scores": d["scores"][d["scores"] >= cfg.score_thresh]} for d in dets]
-    coco, pr = coco_detection(gt, dets, test_images.shape[1:3])
+    rounds = []
+    for path in sorted(Path(detector).glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        dets = predict(load_detector(path), test_images)
+        dets = [{k: v[d["scores"] >= cfg.score_thresh] for k, v in d.items()} for d in dets]
+        coco, pr = coco_detection(gt, dets, test_images.shape[1:3])
+        rounds.append({k.lower(): v for k, v in coco.items()})
+    if not rounds:
+        raise FileNotFoundError(f"{detector} holds no round-K detector (run stage train_detector)")
 
     gen = read_table(images, columns=["id", "class_name"]).to_pylist()
     emb = {r["id"]: r["embedding"] for r in read_table(features, columns=["id", "embedding"]).to_pylist()}
@@ -81,8 +93,13 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
                                  text, [classes.index(r["class_name"]) for r in known])
 
     result = {
-        "discovery": {"corloc": corloc(learned_boxes, gt, cfg.iou), "corloc_random_encoder": corloc(random_boxes, gt, cfg.iou)},
-        "detector": {k.lower(): v for k, v in coco.items()},
+        "discovery": {
+            "method": dcfg.method,
+            "corloc": corloc([top_box(f) for f in learned], gt, cfg.iou),
+            "corloc_random_encoder": corloc([top_box(f) for f in random], gt, cfg.iou),
+            "ap50": discovery_coco["AP50"],
+        },
+        "detector": {**rounds[-1], "rounds": rounds},
         "generation": {"prompt_alignment": alignment, "images": len(gen)},
         "test_images": len(scenes),
     }
@@ -97,8 +114,8 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     table = [
         {"metric": "discovery CorLoc (learned encoder)", "value": round(result["discovery"]["corloc"], 4)},
         {"metric": "discovery CorLoc (random encoder)", "value": round(result["discovery"]["corloc_random_encoder"], 4)},
-        {"metric": "detector AP50 (class-agnostic)", "value": round(coco["AP50"], 4)},
-        {"metric": "detector AP (class-agnostic)", "value": round(coco["AP"], 4)},
+        *({"metric": f"detector AP50 round {r} (class-agnostic)", "value": round(m["ap50"], 4)} for r, m in enumerate(rounds)),
+        {"metric": "detector AP (class-agnostic, last round)", "value": round(rounds[-1]["ap"], 4)},
         {"metric": "prompt alignment", "value": round(alignment, 4)},
     ]
     create_table_artifact(table, key="mirage-metrics", description="mirage evaluate")

@@ -1,18 +1,15 @@
 """Stage train_generator: the toy profile's diffusion model, saved with save_pretrained."""
 from __future__ import annotations
 
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 from prefect import flow, get_run_logger
 
 from mirage.images import decode_png
 from mirage.params import TrainGenerator
 from mirage.stage import parse, progress
-from mirage.store import read_table
+from mirage.store import atomic_dir, read_table
 from tasks.train_generator import train
 
 
@@ -25,14 +22,6 @@ def load_labelled(scenes_dir: str, class_names: list[str]) -> tuple[np.ndarray, 
         for r in rows
     ]
     return images, np.array(labels)
-
-
-def save_atomically(pipe, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 @flow(name="train_generator")
@@ -49,7 +38,8 @@ def train_generator_flow(cfg: TrainGenerator, class_names: list[str], scenes: st
             if step % 500 == 0:
                 log.info("step %d loss %.4f", step, np.mean(losses[-50:]))
         pipe = train(cfg, images, labels, class_names, on_step)
-    save_atomically(pipe, Path(out))
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     final = float(np.mean(losses[-100:]))
     log.info("saved %s (final loss %.4f)", out, final)
     return final
@@ -57,7 +47,6 @@ def train_generator_flow(cfg: TrainGenerator, class_names: list[str], scenes: st
 
 def main(argv: list[str] | None = None) -> None:
     params, args = parse("train_generator", ["scenes", "out"], argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     train_generator_flow(params.train_generator, list(params.toyworld.classes), args.scenes, args.out)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -90,8 +90,12 @@ class Features(Section):
 class Discover(Section):
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
+    method: Literal["tokencut", "maskcut"] = "tokencut"
     tau: float = Field(ge=-1, le=1)
     eps: float = Field(gt=0)
+    max_objects: int = Field(default=3, ge=1)
+    min_area: float = Field(default=0.01, ge=0, lt=1)
+    max_overlap: float = Field(default=0.5, gt=0, le=1)
     shard_rows: int = Field(default=4096, gt=0)
 
 
@@ -101,6 +105,9 @@ class TrainDetector(Section):
     lr: float = Field(gt=0)
     seed: int
     min_size: int = Field(ge=16)
+    drop_loss_iou: float | None = Field(default=0.01, ge=0, lt=1)
+    self_train_scores: tuple[float, ...] = ()
+    self_train_steps: int = Field(default=100, gt=0)
 
 
 class Evaluate(Section):

@@ -130,6 +130,7 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             "metrics (metrics/evaluate.json):",
             f"  discovery CorLoc      {m['discovery']['corloc']:.3f}  (random-weight encoder {m['discovery']['corloc_random_encoder']:.3f})",
             f"  detector AP50 / AP    {m['detector']['ap50']:.3f} / {m['detector']['ap']:.3f}  (class-agnostic, toy test split)",
+            "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment']:.3f}",
         ]
     lines.append("outputs: data/ (tables), models/ (weights), metrics/, plots/ — `dvc metrics show`, `dvc plots show`")

@@ -64,16 +64,22 @@ def features(dim: int, patch_len: int | None) -> pa.Schema:
     return pa.schema(fields)
 
 
+DISCOVERED = pa.struct(
+    [
+        ("box", BOX),
+        ("mask", pa.string()),
+        ("score", pa.float32()),        # 1 - the cut's eigenvalue: higher is a cleaner cut
+        ("label", pa.string()),         # CLIP zero-shot class of the box's crop
+        ("label_score", pa.float32()),  # its softmax probability
+    ]
+)
+
+# One row per image (an image where nothing was found keeps its row, with no objects).
 OBJECTS = pa.schema(
     [
         ("key", pa.string()),
         ("image_id", pa.string()),
-        ("object", pa.int32()),
-        ("box", BOX),
-        ("mask", pa.string()),
-        ("score", pa.float32()),
-        ("label", pa.string()),
-        ("label_score", pa.float32()),
         ("prompt_class", pa.string()),  # the generating prompt's class, if known
+        ("objects", pa.list_(DISCOVERED)),  # best cut first
     ]
 )

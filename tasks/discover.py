@@ -26,15 +26,19 @@ class Cut:
     eigenvalue: float       # second-smallest generalized eigenvalue (0..1, lower = cleaner cut)
 
 
-def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, float]:
-    """features: N x C.  Returns the generalized Fiedler vector x (N,) with a
-    deterministic sign (its largest-magnitude entry positive) and its eigenvalue."""
+def affinity(features: np.ndarray, tau: float, eps: float) -> np.ndarray:
+    """N x C features -> N x N graph: 1 where cosine similarity >= tau, else eps."""
     f = features.astype(np.float64)
     f /= np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12)
-    affinity = np.where(f @ f.T >= tau, 1.0, eps)
-    d_inv_sqrt = 1.0 / np.sqrt(affinity.sum(1))
-    normalized = affinity * d_inv_sqrt[:, None] * d_inv_sqrt[None, :]
-    n = len(f)
+    return np.where(f @ f.T >= tau, 1.0, eps)
+
+
+def fiedler(graph: np.ndarray) -> tuple[np.ndarray, float]:
+    """The generalized Fiedler vector x of (D - A) x = lambda D x, with a
+    deterministic sign (its largest-magnitude entry positive), and lambda."""
+    d_inv_sqrt = 1.0 / np.sqrt(graph.sum(1))
+    normalized = graph * d_inv_sqrt[:, None] * d_inv_sqrt[None, :]
+    n = len(graph)
     if n <= DENSE_MAX_NODES:
         values, vectors = np.linalg.eigh(normalized)
         mu, v = values[-2], vectors[:, -2]
@@ -48,14 +52,63 @@ def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np
     return x, float(1.0 - mu)
 
 
+def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, float]:
+    """features: N x C -> (Fiedler vector, eigenvalue) of TokenCut's graph."""
+    return fiedler(affinity(features, tau, eps))
+
+
+def corners(mask: np.ndarray) -> int:
+    return int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+
+
+def foreground(x: np.ndarray, grid: tuple[int, int], nodes: np.ndarray, corner_rule: bool) -> np.ndarray:
+    """Bipartition x > mean(x) on the seed's side (seed: largest |x|; x[seed] > 0
+    after the sign fix); with `corner_rule`, a side covering >= 3 of the 4 grid
+    corners is background (MaskCut's rule).  Returns the seed's 4-connected component.
+    `nodes` are the grid indices of x's entries."""
+    side = np.zeros(grid[0] * grid[1], dtype=bool)
+    side[nodes] = x > x.mean()
+    seed = nodes[int(np.argmax(np.abs(x)))]
+    if corner_rule and corners(side.reshape(grid)) >= 3:
+        side[nodes] = ~side[nodes]
+        seed = nodes[int(np.argmin(x))]
+    labels, _ = ndimage.label(side.reshape(grid))
+    return labels == labels.flat[seed]
+
+
+def maskcut(
+    features: np.ndarray,
+    grid: tuple[int, int],
+    tau: float,
+    eps: float,
+    max_objects: int,
+    min_area: float = 0.01,
+    max_overlap: float = 0.5,
+) -> list[Cut]:
+    """Up to `max_objects` cuts: after each, the found patches leave the graph
+    and the rest is cut again.  A mask covering <= `min_area` of the grid, or
+    with IoU > `max_overlap` with an earlier one, is dropped."""
+    graph = affinity(features, tau, eps)
+    remaining = np.arange(len(features))
+    cuts: list[Cut] = []
+    for _ in range(max_objects):
+        if len(remaining) < 3:
+            break
+        x, value = fiedler(graph[np.ix_(remaining, remaining)])
+        mask = foreground(x, grid, remaining, corner_rule=max_objects > 1)
+        remaining = remaining[~mask.reshape(-1)[remaining]]
+        if mask.mean() <= min_area:
+            continue
+        if any((mask & c.patch_mask).sum() / (mask | c.patch_mask).sum() > max_overlap for c in cuts):
+            continue
+        cuts.append(Cut(patch_mask=mask, eigenvalue=value))
+    return cuts
+
+
 def tokencut(features: np.ndarray, grid: tuple[int, int], tau: float, eps: float) -> Cut:
-    """The foreground: patches above the vector's mean on the seed's side (the
-    seed is the patch with the largest |x|), restricted to the seed's 4-connected component."""
+    """TokenCut: the single cut of the full graph, the seed's side and component."""
     x, value = second_eigenvector(features, tau, eps)
-    seed = int(np.argmax(np.abs(x)))  # x[seed] > 0 after the sign fix, so the seed is above the mean
-    side = (x > x.mean()).reshape(grid)
-    labels, _ = ndimage.label(side)
-    return Cut(patch_mask=labels == labels.flat[seed], eigenvalue=value)
+    return Cut(patch_mask=foreground(x, grid, np.arange(len(x)), corner_rule=False), eigenvalue=value)
 
 
 def upsample_mask(patch_mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -88,3 +141,10 @@ def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], pr
         txt_emb = encoder.encode_text(prompts)
         probs = (encoder.model.logit_scale.exp() * img_emb @ txt_emb.T).softmax(-1).cpu().numpy()
     return probs.argmax(1), probs.max(1)
+
+
+def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[Cut]:
+    """The cuts `cfg` (a Discover section) asks for, on one image's N x C patch features."""
+    if cfg.method == "tokencut":
+        return [tokencut(features, grid, cfg.tau, cfg.eps)]
+    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area, cfg.max_overlap)

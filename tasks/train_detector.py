@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import box_iou
 from safetensors.torch import load_file, save_file
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -31,6 +33,22 @@ class DetectorConfig:
     num_classes: int = 2        # background + "object": class-agnostic
     min_size: int = 64
     width: int = 64
+    drop_loss_iou: float | None = 0.01  # DropLoss threshold; None trains plain Faster R-CNN
+
+
+class DropLossRoIHeads(RoIHeads):
+    """CutLER's DropLoss: a proposal whose IoU with every pseudo-box is <= `drop_iou`
+    gets no loss (it is ignored, not background): it may be an object discovery missed."""
+
+    drop_iou: float = 0.01
+
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
+        matched, labels = super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        for props, gts, labs in zip(proposals, gt_boxes, labels):
+            if gts.numel():
+                best = box_iou(gts, props).max(0).values
+                labs[(best <= self.drop_iou) & (labs == 0)] = -1  # -1: skipped by the sampler
+        return matched, labels
 
 
 def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -43,7 +61,7 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     backbone.out_channels = 2 * w
     # object sizes seen at min_size px: 10-18 px toy objects upsampled 2x -> 20-36 px
     anchors = AnchorGenerator(sizes=((12, 20, 32, 48),), aspect_ratios=((0.5, 1.0, 2.0),))
-    return FasterRCNN(
+    model = FasterRCNN(
         backbone,
         num_classes=cfg.num_classes,
         rpn_anchor_generator=anchors,
@@ -52,6 +70,10 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
         max_size=cfg.min_size,
         box_detections_per_img=20,
     )
+    if cfg.drop_loss_iou is not None:
+        model.roi_heads.__class__ = DropLossRoIHeads  # same state, one method overridden
+        model.roi_heads.drop_iou = cfg.drop_loss_iou
+    return model
 
 
 def to_targets(boxes_xywh: list[list[list[float]]]) -> list[dict[str, torch.Tensor]]:
@@ -69,21 +91,28 @@ def train(
     images: np.ndarray,
     boxes: list[list[list[float]]],
     on_step: Callable[[int, float], None] | None = None,
+    steps: int | None = None,
+    start: FasterRCNN | None = None,
 ) -> tuple[FasterRCNN, DetectorConfig]:
-    """images: uint8 N x H x W x 3; boxes: per image a list of (x, y, w, h) px."""
+    """images: uint8 N x H x W x 3; boxes: per image a list of (x, y, w, h) px.
+    `start` continues from a trained model (self-training rounds)."""
+    steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    dcfg = DetectorConfig(min_size=cfg.min_size)
-    model = build_detector(dcfg).train()
+    dcfg = DetectorConfig(min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou)
+    model = build_detector(dcfg)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    warmup = max(cfg.steps // 10, 1)
+    warmup = max(steps // 10, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     width = images.shape[2]
-    for step in range(cfg.steps):
+    for step in range(steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         targets = to_targets([boxes[i] for i in idx])
         batch = data[idx]
@@ -133,3 +162,23 @@ def load_detector(path: str | Path):
     model = build_detector(DetectorConfig(**json.loads((path / CONFIG).read_text())))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     return model.eval()
+
+
+def merge_predictions(
+    boxes: list[list[list[float]]], detections: list[dict[str, np.ndarray]], score: float, max_iou: float = 0.5
+) -> list[list[list[float]]]:
+    """Self-training labels: each image's boxes plus its detections scoring >= `score`
+    that overlap none of them (IoU < max_iou).  Boxes are (x, y, w, h) px."""
+    merged = []
+    for known, det in zip(boxes, detections):
+        out = [list(b) for b in known]
+        for b in det["boxes"][det["scores"] >= score]:
+            if not out or box_iou(_xyxy([b]), _xyxy(out)).max() < max_iou:
+                out.append([float(v) for v in b])
+        merged.append(out)
+    return merged
+
+
+def _xyxy(boxes) -> torch.Tensor:
+    b = torch.tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)

@@ -1,7 +1,7 @@
 import numpy as np
 
 from mirage.images import decode_mask, encode_mask
-from tasks.discover import cut_to_object, second_eigenvector, tokencut
+from tasks.discover import cut_to_object, maskcut, second_eigenvector, tokencut
 
 
 def block_features(grid, fg, rng, noise=0.05, dim=16):
@@ -63,3 +63,29 @@ def test_sparse_solver_path_agrees_with_dense():
     assert np.allclose(val_sparse, val_dense, atol=1e-6)
     assert np.array_equal(x_sparse > x_sparse.mean(), x_dense > x_dense.mean())
     assert np.array_equal(tokencut(feats, (30, 30), 0.2, 1e-5).patch_mask, fg)
+
+
+def test_maskcut_finds_three_separate_objects():
+    rng = np.random.default_rng(4)
+    dim = 16
+    regions = [(slice(1, 4), slice(1, 4)), (slice(1, 4), slice(10, 14)), (slice(9, 13), slice(5, 9))]
+    labels = np.zeros((16, 16), dtype=int)
+    for i, (r, c) in enumerate(regions, start=1):
+        labels[r, c] = i
+    feats = np.eye(dim)[labels.reshape(-1)] + rng.normal(0, 0.05, (256, dim))
+    cuts = maskcut(feats, (16, 16), tau=0.2, eps=1e-5, max_objects=3)
+    found = sorted(tuple(np.unique(labels[c.patch_mask])) for c in cuts)
+    assert found == [(1,), (2,), (3,)]
+    for c in cuts:
+        assert c.patch_mask.sum() == (labels == labels[c.patch_mask][0]).sum()
+
+
+def test_maskcut_drops_tiny_masks():
+    rng = np.random.default_rng(5)
+    labels = np.zeros((16, 16), dtype=int)
+    labels[2:8, 2:8] = 1
+    labels[12, 12] = 2  # one patch: 1/256 of the grid, under min_area
+    feats = np.eye(8)[labels.reshape(-1)] + rng.normal(0, 0.05, (256, 8))
+    cuts = maskcut(feats, (16, 16), 0.2, 1e-5, max_objects=3, min_area=0.01)
+    assert all(c.patch_mask.sum() > 2 for c in cuts)
+    assert any(np.array_equal(c.patch_mask, labels == 1) for c in cuts)
