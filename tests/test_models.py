@@ -7,7 +7,9 @@ from mirage import params
 from mirage.models import load_encoder, load_generator, save_encoder
 from mirage.pipelines import ToyPipeline
 from tasks.generate import GenerationItem, generate_batch, item_seed
-from tasks.train_detector import DetectorConfig, build_detector, load_detector, predict, save_detector, train
+from tasks.train_detector import (
+    DetectorConfig, build_detector, load_detector, merge_predictions, predict, save_detector, train,
+)
 from tasks.train_generator import build_unet
 from diffusers import DDIMScheduler
 
@@ -67,7 +69,7 @@ def test_item_seeds_are_stable_and_distinct():
 
 
 def test_detector_learns_and_roundtrips(tmp_path):
-    cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 30, "batch_size": 4, "lr": 0.01})
+    cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 60, "batch_size": 4, "lr": 0.01})
     images = np.full((4, 32, 32, 3), 40, dtype=np.uint8)
     boxes = []
     for i in range(4):
@@ -76,8 +78,28 @@ def test_detector_learns_and_roundtrips(tmp_path):
         boxes.append([[float(x), float(y), 12.0, 12.0]])
     losses = []
     model, dcfg = train(cfg, images, boxes, lambda s, l: losses.append(l))
-    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     save_detector(model, dcfg, tmp_path / "det")
     back = load_detector(tmp_path / "det")
     a, b = predict(model, images), predict(back, images)
     assert all(np.allclose(x["boxes"], y["boxes"]) for x, y in zip(a, b))
+
+
+def test_droploss_ignores_proposals_that_touch_no_pseudo_box():
+    gt = [torch.tensor([[10.0, 10.0, 30.0, 30.0]])]
+    labels = [torch.tensor([1])]
+    proposals = [torch.tensor([[10.0, 10.0, 30.0, 30.0],    # the object: positive
+                               [20.0, 20.0, 40.0, 40.0],    # IoU 0.14: background, still trained on
+                               [45.0, 45.0, 60.0, 60.0]])]  # IoU 0: maybe a missed object -> no loss
+    with_drop = build_detector(DetectorConfig(drop_loss_iou=0.01)).roi_heads
+    plain = build_detector(DetectorConfig(drop_loss_iou=None)).roi_heads
+    assert with_drop.assign_targets_to_proposals(proposals, gt, labels)[1][0].tolist() == [1, 0, -1]
+    assert plain.assign_targets_to_proposals(proposals, gt, labels)[1][0].tolist() == [1, 0, 0]
+
+
+def test_self_training_merges_confident_new_boxes_only():
+    boxes = [[[0.0, 0.0, 10.0, 10.0]]]
+    dets = [{"boxes": np.array([[1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0], [5.0, 20.0, 6.0, 6.0]]),
+             "scores": np.array([0.95, 0.9, 0.3])}]
+    merged = merge_predictions(boxes, dets, score=0.7)
+    assert merged == [[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0]]]
