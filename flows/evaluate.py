@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mirage.fingerprint import encoder_spec
 from mirage.images import decode_png
-from mirage.models import Encoder, load_encoder
+from mirage.models import EncoderKeys, load_encoder, load_patch_backbone
 from mirage.params import Discover, Evaluate, Params
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
@@ -22,16 +22,15 @@ from tasks.evaluate import coco_detection, corloc, prompt_alignment
 from tasks.train_detector import load_detector, predict
 
 
-def discovery_boxes(encoder: Encoder, images: np.ndarray, cfg: Discover) -> list[dict[str, np.ndarray]]:
+def discovery_boxes(backbone, images: np.ndarray, cfg: Discover) -> list[dict[str, np.ndarray]]:
     """Per image the discovered boxes (x, y, w, h px, best cut first) with their
-    scores, features computed on the fly."""
+    scores, patch features computed on the fly."""
     out = []
     h, w = images.shape[1:3]
     for start in range(0, len(images), 128):
-        with torch.inference_mode():
-            _, keys = encoder.encode_images(images[start : start + 128])
-        for k in keys.float().numpy():
-            cuts = discover_objects(k, encoder.patch_grid, cfg)
+        patches, grid = backbone.patches(images[start : start + 128])
+        for k in patches:
+            cuts = discover_objects(k, grid, cfg)
             out.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts]).reshape(-1, 4),
                         "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
     return out
@@ -60,8 +59,8 @@ def draw_grid(images: np.ndarray, gt: list, pred: list, scale: int = 4, cols: in
 
 
 @flow(name="evaluate")
-def evaluate_flow(params: Params, test: str, images: str, features: str, encoder_arg: str, detector: str,
-                  metrics: str, plots: str) -> dict[str, float]:
+def evaluate_flow(params: Params, test: str, images: str, features: str, encoder_arg: str, generator: str,
+                  detector: str, metrics: str, plots: str) -> dict[str, float]:
     log = get_run_logger()
     cfg, dcfg = params.evaluate, params.discover
     scenes = read_table(test, columns=["image", "objects"]).to_pylist()
@@ -69,8 +68,13 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     gt = [[o["box"] for o in r["objects"]] for r in scenes]
 
     encoder = load_encoder(encoder_spec(encoder_arg))
-    baseline = load_encoder(f"random:{params.train_encoder.config}:{cfg.random_seed}", encoder.device)
-    learned = discovery_boxes(encoder, test_images, dcfg)
+    spec = params.features.patch_backbone
+    backbone = load_patch_backbone(spec, encoder, generator)
+    if spec == "encoder":
+        baseline = EncoderKeys(load_encoder(f"random:{params.train_encoder.config}:{cfg.random_seed}", encoder.device))
+    else:
+        baseline = load_patch_backbone(spec, encoder, generator, random_seed=cfg.random_seed)
+    learned = discovery_boxes(backbone, test_images, dcfg)
     random = discovery_boxes(baseline, test_images, dcfg)
     discovery_coco, _ = coco_detection(gt, learned, test_images.shape[1:3])
 
@@ -95,8 +99,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     result = {
         "discovery": {
             "method": dcfg.method,
+            "backbone": spec,
             "corloc": corloc([top_box(f) for f in learned], gt, cfg.iou),
-            "corloc_random_encoder": corloc([top_box(f) for f in random], gt, cfg.iou),
+            "corloc_random_weights": corloc([top_box(f) for f in random], gt, cfg.iou),
             "ap50": discovery_coco["AP50"],
         },
         "detector": {**rounds[-1], "rounds": rounds},
@@ -112,8 +117,8 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     atomic_write_bytes(plot_dir / "detections.png", draw_grid(test_images[:n], gt[:n], top))
 
     table = [
-        {"metric": "discovery CorLoc (learned encoder)", "value": round(result["discovery"]["corloc"], 4)},
-        {"metric": "discovery CorLoc (random encoder)", "value": round(result["discovery"]["corloc_random_encoder"], 4)},
+        {"metric": f"discovery CorLoc ({spec})", "value": round(result["discovery"]["corloc"], 4)},
+        {"metric": "discovery CorLoc (same backbone, random weights)", "value": round(result["discovery"]["corloc_random_weights"], 4)},
         *({"metric": f"detector AP50 round {r} (class-agnostic)", "value": round(m["ap50"], 4)} for r, m in enumerate(rounds)),
         {"metric": "detector AP (class-agnostic, last round)", "value": round(rounds[-1]["ap"], 4)},
         {"metric": "prompt alignment", "value": round(alignment, 4)},
@@ -125,8 +130,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, args = parse("evaluate", ["test", "images", "features", "encoder", "detector", "metrics", "plots"], argv)
-    evaluate_flow(params, args.test, args.images, args.features, args.encoder, args.detector, args.metrics, args.plots)
+    params, args = parse("evaluate", ["test", "images", "features", "encoder", "generator", "detector", "metrics", "plots"], argv)
+    evaluate_flow(params, args.test, args.images, args.features, args.encoder, args.generator, args.detector,
+                  args.metrics, args.plots)
 
 
 if __name__ == "__main__":

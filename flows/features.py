@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 
 from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
-from mirage.models import Encoder, load_encoder
+from mirage.images import decode_png
+from mirage.models import Encoder, load_encoder, load_patch_backbone
 from mirage.params import Features
 from mirage.stage import parse, progress
 from mirage.store import ShardStore, item_key, read_table
@@ -18,8 +20,8 @@ VERSION = 1
 
 
 @task
-def encode(encoder: Encoder, model_id: str, fschema: pa.Schema, cfg: Features, rows: list[dict]) -> pa.Table:
-    emb, keys = embed_images(encoder, [r["image"] for r in rows], cfg.patches)
+def encode(encoder: Encoder, backbone, model_id: str, fschema: pa.Schema, rows: list[dict]) -> pa.Table:
+    emb, keys = embed_images(encoder, backbone, [r["image"] for r in rows])
     cols = {
         "key": [r["key"] for r in rows],
         "id": [r["id"] for r in rows],
@@ -32,31 +34,36 @@ def encode(encoder: Encoder, model_id: str, fschema: pa.Schema, cfg: Features, r
 
 
 @flow(name="features")
-def features_flow(cfg: Features, images: str, encoder_arg: str, out: str) -> dict[str, int]:
+def features_flow(cfg: Features, images: str, encoder_arg: str, generator: str, out: str) -> dict[str, int]:
     log = get_run_logger()
     spec = encoder_spec(encoder_arg)
-    model_id = model_fingerprint(spec)
     encoder = load_encoder(spec)
-    gh, gw = encoder.patch_grid
-    patch_len = gh * gw * encoder.key_dim if cfg.patches else None
-    meta = {"stage": "features", "model": model_id, "params": cfg.digest(),
-            "grid": f"{gh},{gw},{encoder.key_dim}", "patches": "last-block attention keys"}
-    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows)
+    backbone = load_patch_backbone(cfg.patch_backbone, encoder, generator) if cfg.patches else None
+    # the patch features' identity: the encoder's for its keys, the generator's for its UNet
+    patch_id = (model_fingerprint(generator) if cfg.patch_backbone.startswith("unet") else "") if cfg.patches else ""
+    model_id = model_fingerprint(spec)
     source = read_table(images, columns=["key", "id", "image"]).to_pylist()
+    meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
+    patch_len = None
+    if backbone is not None and source:
+        probe, (gh, gw) = backbone.patches(np.stack([decode_png(source[0]["image"])]))
+        patch_len = probe.size
+        meta |= {"grid": f"{gh},{gw},{probe.shape[-1]}", "patches": cfg.patch_backbone, "patches_model": patch_id or model_id}
+    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows)
     wanted = []
     for row in source:
-        key = item_key("features", VERSION, row["key"], model_id, cfg.patches)
+        key = item_key("features", VERSION, row["key"], model_id, cfg.patches, cfg.patch_backbone, patch_id)
         wanted.append((key, {"key": key, "id": row["id"], "image": row["image"]}))
     with progress(len(wanted), "features") as bar:
-        stats = store.update(wanted, lambda rows: encode(encoder, model_id, store.schema, cfg, rows),
+        stats = store.update(wanted, lambda rows: encode(encoder, backbone, model_id, store.schema, rows),
                              cfg.batch_size, bar.update)
     log.info("features: %d items (%d computed, %d reused) with %s", stats.wanted, stats.computed, stats.reused, model_id)
     return {"items": stats.wanted, "computed": stats.computed}
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, args = parse("features", ["images", "encoder", "out"], argv)
-    features_flow(params.features, args.images, args.encoder, args.out)
+    params, args = parse("features", ["images", "encoder", "generator", "out"], argv)
+    features_flow(params.features, args.images, args.encoder, args.generator, args.out)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,80 @@ def load_generator(path: str, device: torch.device | None = None):
     if json.loads(index.read_text()).get("_class_name") != "ToyPipeline":
         raise ValueError(f"generator {path!r}: only the toy pipeline is supported in this version")
     return ToyPipeline.from_pretrained(path).to(device or default_device())
+
+
+class EncoderKeys:
+    """Patch features = the encoder's last-block attention keys (TokenCut's choice)."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    def patches(self, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """uint8 B x H x W x 3 -> float32 B x (gh * gw) x C and the grid (gh, gw)."""
+        with torch.inference_mode():
+            _, keys = self.encoder.encode_images(images)
+        return keys.float().cpu().numpy(), self.encoder.patch_grid
+
+
+class DiffusionActivations:
+    """Patch features = one diffusers UNet module's activations for the image
+    noised to a small timestep, with the "no class" label (DDAE-style).  The
+    noise is the same fixed draw for every image, so an image's features do not
+    depend on its batch.  On the toy world, the first down block at full
+    resolution beats the toy CLIP's keys by far (benchmarks/discovery_backbones.py)."""
+
+    def __init__(self, unet, scheduler_config, null_class: int, module: str, timestep: int, noise_seed: int):
+        from diffusers import DDPMScheduler
+
+        self.unet = unet.eval()
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.null_class = null_class
+        try:
+            self.module = unet.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"features.patch_backbone: the UNet has no module {module!r}") from None
+        self.timestep = timestep
+        self.noise_seed = noise_seed
+
+    def patches(self, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        captured: list[torch.Tensor] = []
+        handle = self.module.register_forward_hook(
+            lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        device = self.unet.device
+        x0 = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        noise = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(self.noise_seed)).to(device)
+        t = torch.full((len(x0),), self.timestep, dtype=torch.long, device=device)
+        labels = torch.full((len(x0),), self.null_class, device=device)
+        try:
+            with torch.inference_mode():
+                self.unet(self.scheduler.add_noise(x0, noise.expand_as(x0), t), t, class_labels=labels)
+        finally:
+            handle.remove()
+        f = captured[-1]
+        b, c, h, w = f.shape
+        return f.permute(0, 2, 3, 1).reshape(b, h * w, c).float().cpu().numpy(), (h, w)
+
+
+def load_patch_backbone(spec: str, encoder: Encoder, generator: str | None, random_seed: int | None = None):
+    """`encoder` (the encoder's keys) or `unet:MODULE:TIMESTEP[:NOISE_SEED]` (the
+    generator's UNet).  With `random_seed`, the same architecture with random
+    weights: the baseline that learned features must beat."""
+    if spec == "encoder":
+        if random_seed is None:
+            return EncoderKeys(encoder)
+        raise ValueError("a random-weight encoder baseline is built by load_encoder('random:ARCH:SEED')")
+    kind, _, rest = spec.partition(":")
+    if kind != "unet" or rest.count(":") not in (1, 2):
+        raise ValueError(f"features.patch_backbone: {spec!r} is neither 'encoder' nor 'unet:MODULE:TIMESTEP[:SEED]'")
+    if generator is None:
+        raise ValueError("features.patch_backbone: a unet backbone needs the generator")
+    module, timestep, *seed = rest.split(":")
+    pipe = load_generator(generator, encoder.device)
+    unet = pipe.unet
+    if random_seed is not None:
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(random_seed)
+        unet = UNet2DModel.from_config(unet.config).to(encoder.device)
+    return DiffusionActivations(unet, pipe.scheduler.config, pipe.null_class, module, int(timestep), int(seed[0]) if seed else 0)

@@ -84,6 +84,7 @@ class Generate(Section):
 class Features(Section):
     batch_size: int = Field(gt=0)
     patches: bool
+    patch_backbone: str = "encoder"
     shard_rows: int = Field(default=1024, gt=0)
 
 

@@ -128,7 +128,8 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
         m = json.loads(metrics.read_text())
         lines += [
             "metrics (metrics/evaluate.json):",
-            f"  discovery CorLoc      {m['discovery']['corloc']:.3f}  (random-weight encoder {m['discovery']['corloc_random_encoder']:.3f})",
+            f"  discovery CorLoc      {m['discovery']['corloc']:.3f}  (same backbone with random weights "
+            f"{m['discovery']['corloc_random_weights']:.3f}; {m['discovery']['backbone']})",
             f"  detector AP50 / AP    {m['detector']['ap50']:.3f} / {m['detector']['ap']:.3f}  (class-agnostic, toy test split)",
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment']:.3f}",

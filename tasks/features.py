@@ -1,4 +1,4 @@
-"""Global embeddings and patch features (last-block attention keys) of images."""
+"""Global embeddings and patch features of images."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,12 +8,14 @@ from mirage.images import decode_png
 from mirage.models import Encoder
 
 
-def embed_images(encoder: Encoder, pngs: list[bytes], patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """float16 embeddings N x D (L2-normalised) and, if asked, keys N x (gh*gw*C)."""
+def embed_images(encoder: Encoder, backbone, pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+    """float16 embeddings N x D (L2-normalised, from the encoder) and, when a
+    patch backbone is given, its patch features flattened to N x (gh*gw*C)."""
     images = np.stack([decode_png(b) for b in pngs])
     with torch.inference_mode():
-        emb, keys = encoder.encode_images(images, keys=patches)
+        emb, _ = encoder.encode_images(images, keys=False)
     emb16 = emb.float().cpu().numpy().astype(np.float16)
-    if keys is None:
+    if backbone is None:
         return emb16, None
-    return emb16, keys.float().cpu().numpy().reshape(len(images), -1).astype(np.float16)
+    patches, _ = backbone.patches(images)
+    return emb16, patches.reshape(len(images), -1).astype(np.float16)
