@@ -27,7 +27,7 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
     h, w = images.shape[1:3]
     found = []  # (row index, box, mask, score)
     for i, r in enumerate(rows):
-        for cut in discover_objects(np.asarray(r["patches"], dtype=np.float32).reshape(gh * gw, c), (gh, gw), cfg):
+        for cut in discover_objects(r["patches"].astype(np.float32).reshape(gh * gw, c), (gh, gw), cfg):
             mask, box = cut_to_object(cut, h, w)
             found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
     prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
@@ -68,7 +68,11 @@ def discover_flow(cfg: Discover, images: str, features: str, encoder_arg: str, o
     grid = tuple(int(v) for v in meta["grid"].split(","))
     spec = encoder_spec(encoder_arg)
     model_id = model_fingerprint(spec)
-    feats = read_table(features, columns=["key", "id", "patches"]).to_pylist()
+    table = read_table(features, columns=["key", "id", "patches"])
+    # patches straight to one float16 array: as Python lists they cost more than the cut
+    patches = table.column("patches").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    feats = [{"key": k, "id": i, "patches": p} for k, i, p in
+             zip(table.column("key").to_pylist(), table.column("id").to_pylist(), patches)]
     imgs = {r["id"]: r for r in read_table(images, columns=["id", "image", "class_name", "width", "height"]).to_pylist()}
     wanted = []
     for f in feats:
