@@ -17,7 +17,7 @@ from mirage.stage import parse, progress
 from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
 
-VERSION = 1
+VERSION = 2  # 2: float32 similarities
 
 
 @task

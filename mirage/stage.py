@@ -27,6 +27,14 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
     return params_mod.load(args.params), args
 
 
+class _Bar(tqdm):
+    def set_postfix(self, *args, **kwargs):
+        # redraw only at tqdm's own pace (mininterval): a refresh on every call
+        # floods logs when stderr is a file
+        kwargs["refresh"] = False
+        super().set_postfix(*args, **kwargs)
+
+
 def progress(total: int, desc: str) -> tqdm:
     """A progress bar on stderr that stays quiet when nothing is to be done."""
-    return tqdm(total=total, desc=desc, unit="item", disable=total == 0, leave=False, mininterval=1.0)
+    return _Bar(total=total, desc=desc, unit="item", disable=total == 0, leave=False, mininterval=1.0)
