@@ -17,7 +17,7 @@ from mirage.stage import parse, progress
 from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
 
-VERSION = 2  # 2: float32 similarities
+VERSION = 3  # 2: float32 similarities; 3: float32 deflated ARPACK solve
 
 
 @task

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_project_params_load():
     p = params.load(ROOT / "params.yaml")
-    assert p.discover.tau == 0.2
+    assert p.discover.tau == 0.8
     assert p.generate.classes == p.toyworld.classes
 
 
@@ -39,7 +39,7 @@ def test_write_overrides_keeps_comments_and_validates(tmp_path):
     path.write_text((ROOT / "params.yaml").read_text())
     params.write_overrides(path, {"discover.tau": 0.35})
     text = path.read_text()
-    assert "TokenCut's affinity threshold" in text
+    assert "affinity threshold on cosine similarity" in text
     assert params.load(path).discover.tau == 0.35
     with pytest.raises(params.ParamsError):
         params.write_overrides(path, {"discover.tau": 7})

@@ -21,7 +21,7 @@ def test_pipeline_runs_reruns_nothing_then_only_downstream(tiny_project):
     assert ran(first) == ALL
 
     metrics = json.loads((tiny_project / "metrics/evaluate.json").read_text())
-    for value in (metrics["discovery"]["corloc"], metrics["discovery"]["corloc_random_encoder"],
+    for value in (metrics["discovery"]["corloc"], metrics["discovery"]["corloc_random_weights"],
                   metrics["detector"]["ap50"], metrics["generation"]["prompt_alignment"]):
         assert 0.0 <= value <= 1.0
     assert metrics["test_images"] == 12 and metrics["generation"]["images"] == 6
