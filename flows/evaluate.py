@@ -1,4 +1,4 @@
-"""Stage evaluate: discovery CorLoc (learned vs random encoder), detector AP, prompt alignment."""
+"""Stage evaluate: discovery CorLoc (learned vs random weights), detector AP per round, prompt alignment."""
 from __future__ import annotations
 
 import io
@@ -40,13 +40,13 @@ def top_box(found: dict[str, np.ndarray]) -> list[float]:
     return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
 
 
-def draw_grid(images: np.ndarray, gt: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
-    """PNG of images with ground truth (green) and top detections (red)."""
+def draw_grid(images: np.ndarray, gt: list, found: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
+    """PNG of images with ground truth (green), discovered (yellow) and detected (red) boxes."""
     tiles = []
-    for img, g, p in zip(images, gt, pred):
+    for img, g, f, p in zip(images, gt, found, pred):
         tile = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
         draw = ImageDraw.Draw(tile)
-        for color, boxes in (("lime", g), ("red", p)):
+        for color, boxes in (("lime", g), ("yellow", f), ("red", p)):
             for x, y, w, h in boxes:
                 draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=color)
         tiles.append(np.asarray(tile))
@@ -78,12 +78,13 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     random = discovery_boxes(baseline, test_images, dcfg)
     discovery_coco, _ = coco_detection(gt, learned, test_images.shape[1:3])
 
-    rounds = []
+    rounds, curves = [], []
     for path in sorted(Path(detector).glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
         dets = predict(load_detector(path), test_images)
         dets = [{k: v[d["scores"] >= cfg.score_thresh] for k, v in d.items()} for d in dets]
         coco, pr = coco_detection(gt, dets, test_images.shape[1:3])
         rounds.append({k.lower(): v for k, v in coco.items()})
+        curves.append(pr)
     if not rounds:
         raise FileNotFoundError(f"{detector} holds no round-K detector (run stage train_detector)")
 
@@ -110,11 +111,13 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     }
     atomic_write_json(Path(metrics), result)
     plot_dir = Path(plots)
-    rows = "".join(f"{r:.2f},{p:.4f}\n" for r, p in zip(np.linspace(0, 1, 101), pr))
-    atomic_write_bytes(plot_dir / "pr_curve.csv", ("recall,precision\n" + rows).encode())
+    for r, curve in enumerate(curves):  # one file per self-training round: `dvc plots` draws each
+        rows = "".join(f"{x:.2f},{p:.4f}\n" for x, p in zip(np.linspace(0, 1, 101), curve))
+        atomic_write_bytes(plot_dir / "pr" / f"round-{r}.csv", ("recall,precision\n" + rows).encode())
     n = min(cfg.grid_images, len(scenes))
     top = [[d["boxes"][0].tolist()] if len(d["boxes"]) else [] for d in dets[:n]]
-    atomic_write_bytes(plot_dir / "detections.png", draw_grid(test_images[:n], gt[:n], top))
+    discovered = [[top_box(f)] for f in learned[:n]]
+    atomic_write_bytes(plot_dir / "detections.png", draw_grid(test_images[:n], gt[:n], discovered, top))
 
     table = [
         {"metric": f"discovery CorLoc ({spec})", "value": round(result["discovery"]["corloc"], 4)},

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_coco(args: argparse.Namespace) -> int:
+    import json
+
+    from mirage.store import atomic_write_json
+    from tasks.coco_dataset import evaluate_detector, load_coco
+    from tasks.train_detector import load_detector
+
+    detector = Path(args.detector)
+    rounds = sorted(detector.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    path = rounds[-1] if rounds and not (detector / "model.safetensors").exists() else detector
+    try:
+        items = load_coco(args.annotations, args.images)
+        model = load_detector(path)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mirage eval-coco: {err}", file=sys.stderr)
+        return 2
+    stats = evaluate_detector(model, items, args.score_thresh)
+    result = {"dataset": str(args.annotations), "images": len(items), "detector": str(path),
+              **{k.lower(): v for k, v in stats.items()}}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mirage", description="synthetic images in, object detectors out")
     parser.add_argument("--root", default=".", help="project root (holds dvc.yaml and params.yaml)")
@@ -44,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show the stale stages and why")
     status.set_defaults(func=cmd_status)
+    coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector on any COCO-format dataset")
+    coco.add_argument("--annotations", required=True, help="COCO detection JSON (instances_*.json)")
+    coco.add_argument("--images", required=True, help="folder the file_name entries are relative to")
+    coco.add_argument("--detector", default="models/detector", help="a saved detector, or a train_detector output (last round)")
+    coco.add_argument("--score-thresh", type=float, default=0.05)
+    coco.add_argument("--out", help="also write the metrics JSON here")
+    coco.set_defaults(func=cmd_eval_coco)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

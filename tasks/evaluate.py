@@ -24,14 +24,16 @@ def corloc(pred_boxes: list[list[float]], gt_boxes: list[list[list[float]]], iou
 def coco_detection(
     gt_boxes: list[list[list[float]]],
     detections: list[dict[str, np.ndarray]],
-    size: tuple[int, int],
+    sizes: tuple[int, int] | list[tuple[int, int]],
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Class-agnostic COCO evaluation.  Returns {AP, AP50, AP75, AR100} and the
-    precision at IoU 0.5 over the 101 recall points (for a PR curve)."""
-    h, w = size
+    """Class-agnostic COCO evaluation; `sizes` is (h, w) for all images or one per image.
+    Returns {AP, AP50, AP75, AR100} and the precision at IoU 0.5 over the 101
+    recall points (for a PR curve)."""
+    if isinstance(sizes, tuple):
+        sizes = [sizes] * len(gt_boxes)
     gt = COCO()
     gt.dataset = {
-        "images": [{"id": i, "width": w, "height": h} for i in range(len(gt_boxes))],
+        "images": [{"id": i, "width": w, "height": h} for i, (h, w) in enumerate(sizes)],
         "categories": [{"id": 1, "name": "object"}],
         "annotations": [
             {"id": n, "image_id": i, "category_id": 1, "bbox": list(map(float, b)), "area": float(b[2] * b[3]), "iscrowd": 0}

@@ -144,13 +144,14 @@ def train(
 
 
 @torch.inference_mode()
-def predict(model: FasterRCNN, images: np.ndarray, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
-    """Per image: boxes (x, y, w, h) px and scores, best first."""
+def predict(model: FasterRCNN, images, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
+    """images: uint8 N x H x W x 3, or a list of H x W x 3 of any sizes.
+    Per image: boxes (x, y, w, h) px and scores, best first."""
     model.eval()
-    data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    data = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images]  # copy: PIL arrays are read-only
     out = []
     for start in range(0, len(data), batch_size):
-        for det in model(list(data[start : start + batch_size])):
+        for det in model(data[start : start + batch_size]):
             b = det["boxes"].numpy().copy()
             b[:, 2:] -= b[:, :2]
             out.append({"boxes": b, "scores": det["scores"].numpy()})

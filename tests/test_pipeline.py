@@ -26,7 +26,10 @@ def test_pipeline_runs_reruns_nothing_then_only_downstream(tiny_project):
         assert 0.0 <= value <= 1.0
     assert metrics["test_images"] == 12 and metrics["generation"]["images"] == 6
     assert (tiny_project / "plots/detections.png").stat().st_size > 0
-    assert (tiny_project / "plots/pr_curve.csv").read_text().startswith("recall,precision")
+    curves = sorted(p.name for p in (tiny_project / "plots/pr").iterdir())
+    assert curves == ["round-0.csv", "round-1.csv"]  # round 0 + one self-training round
+    assert (tiny_project / "plots/pr/round-1.csv").read_text().startswith("recall,precision")
+    assert len(metrics["detector"]["rounds"]) == 2
     images = read_table(tiny_project / "data/generated")
     assert images.num_rows == 6
     assert set(images.column("class_name").to_pylist()) == {"circle", "square", "triangle"}
