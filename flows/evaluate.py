@@ -66,6 +66,8 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     scenes = read_table(test, columns=["image", "objects"]).to_pylist()
     test_images = np.stack([decode_png(r["image"]) for r in scenes])
     gt = [[o["box"] for o in r["objects"]] for r in scenes]
+    classes = list(dcfg.classes)
+    gt_labels = [[classes.index(o["class_name"]) + 1 if o["class_name"] in classes else 0 for o in r["objects"]] for r in scenes]
 
     encoder = load_encoder(encoder_spec(encoder_arg))
     spec = params.features.patch_backbone
@@ -80,17 +82,21 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
 
     rounds, curves = [], []
     for path in sorted(Path(detector).glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
-        dets = predict(load_detector(path), test_images)
+        model = load_detector(path)
+        dets = predict(model, test_images)
         dets = [{k: v[d["scores"] >= cfg.score_thresh] for k, v in d.items()} for d in dets]
         coco, pr = coco_detection(gt, dets, test_images.shape[1:3])
         rounds.append({k.lower(): v for k, v in coco.items()})
+        n_classes = model.roi_heads.box_predictor.cls_score.out_features - 1
+        if n_classes > 1:  # a class-aware head: also score its labels against the scenes' classes
+            aware, _ = coco_detection(gt, dets, test_images.shape[1:3], gt_labels, n_classes)
+            rounds[-1]["class_aware"] = {k.lower(): v for k, v in aware.items()}
         curves.append(pr)
     if not rounds:
         raise FileNotFoundError(f"{detector} holds no round-K detector (run stage train_detector)")
 
     gen = read_table(images, columns=["id", "class_name"]).to_pylist()
     emb = {r["id"]: r["embedding"] for r in read_table(features, columns=["id", "embedding"]).to_pylist()}
-    classes = list(dcfg.classes)
     with torch.inference_mode():
         text = encoder.encode_text([dcfg.prompt_template.format(c) for c in classes]).float().numpy()
     known = [r for r in gen if r["class_name"] in classes]

@@ -107,6 +107,7 @@ class TrainDetector(Section):
     seed: int
     min_size: int = Field(ge=16)
     drop_loss_iou: float | None = Field(default=0.01, ge=0, lt=1)
+    class_aware: bool = False
     self_train_scores: tuple[float, ...] = ()
     self_train_steps: int = Field(default=100, gt=0)
 

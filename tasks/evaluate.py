@@ -25,26 +25,38 @@ def coco_detection(
     gt_boxes: list[list[list[float]]],
     detections: list[dict[str, np.ndarray]],
     sizes: tuple[int, int] | list[tuple[int, int]],
+    gt_labels: list[list[int]] | None = None,
+    num_classes: int = 1,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Class-agnostic COCO evaluation; `sizes` is (h, w) for all images or one per image.
+    """COCO box evaluation; `sizes` is (h, w) for all images or one per image.
+    Class-agnostic unless `gt_labels` (class ids 1..num_classes per box) are
+    given, in which case detections are matched by their "labels" too.
     Returns {AP, AP50, AP75, AR100} and the precision at IoU 0.5 over the 101
-    recall points (for a PR curve)."""
+    recall points, averaged over classes (for a PR curve)."""
     if isinstance(sizes, tuple):
         sizes = [sizes] * len(gt_boxes)
+    agnostic = gt_labels is None
+    if agnostic:
+        gt_labels = [[1] * len(boxes) for boxes in gt_boxes]
+        num_classes = 1
     gt = COCO()
     gt.dataset = {
         "images": [{"id": i, "width": w, "height": h} for i, (h, w) in enumerate(sizes)],
-        "categories": [{"id": 1, "name": "object"}],
+        "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)],
         "annotations": [
-            {"id": n, "image_id": i, "category_id": 1, "bbox": list(map(float, b)), "area": float(b[2] * b[3]), "iscrowd": 0}
-            for n, (i, b) in enumerate(((i, b) for i, boxes in enumerate(gt_boxes) for b in boxes), start=1)
+            {"id": n, "image_id": i, "category_id": int(c), "bbox": list(map(float, b)), "area": float(b[2] * b[3]), "iscrowd": 0}
+            for n, (i, b, c) in enumerate(
+                ((i, b, c) for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)) for b, c in zip(boxes, labels)),
+                start=1,
+            )
         ],
     }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     results = [
-        {"image_id": i, "category_id": 1, "bbox": list(map(float, b)), "score": float(s)}
-        for i, det in enumerate(detections) for b, s in zip(det["boxes"], det["scores"])
+        {"image_id": i, "category_id": 1 if agnostic else int(c), "bbox": list(map(float, b)), "score": float(s)}
+        for i, det in enumerate(detections)
+        for b, s, c in zip(det["boxes"], det["scores"], det.get("labels", np.ones(len(det["boxes"]))))
     ]
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR100": 0.0}, np.zeros(101)
@@ -55,9 +67,9 @@ def coco_detection(
         ev.accumulate()
         ev.summarize()
     s = ev.stats
-    # precision[T, R, K, A, M]: IoU 0.5, all recalls, the one class, area "all", maxDets 100
-    pr = ev.eval["precision"][0, :, 0, 0, -1]
-    return {"AP": float(s[0]), "AP50": float(s[1]), "AP75": float(s[2]), "AR100": float(s[8])}, np.clip(pr, 0, None)
+    # precision[T, R, K, A, M]: IoU 0.5, all recalls, every class, area "all", maxDets 100
+    pr = np.clip(ev.eval["precision"][0, :, :, 0, -1], 0, None).mean(1)
+    return {"AP": float(s[0]), "AP50": float(s[1]), "AP75": float(s[2]), "AR100": float(s[8])}, pr
 
 
 def prompt_alignment(image_emb: np.ndarray, text_emb: np.ndarray, prompted: list[int]) -> float:

@@ -88,30 +88,33 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     return model
 
 
-def to_targets(boxes_xywh: list[list[list[float]]]) -> list[dict[str, torch.Tensor]]:
-    """Per image list of (x, y, w, h) px -> torchvision targets (x1, y1, x2, y2), label 1."""
+def to_targets(labelled: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Per image {"boxes": (x, y, w, h) px, "labels": class ids from 1} ->
+    torchvision targets with (x1, y1, x2, y2) boxes."""
     out = []
-    for boxes in boxes_xywh:
-        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    for item in labelled:
+        b = torch.tensor(item["boxes"], dtype=torch.float32).reshape(-1, 4)
         b[:, 2:] += b[:, :2]
-        out.append({"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)})
+        out.append({"boxes": b, "labels": torch.tensor(item["labels"], dtype=torch.int64).reshape(-1)})
     return out
 
 
 def train(
     cfg: TrainDetector,
     images: np.ndarray,
-    boxes: list[list[list[float]]],
+    labelled: list[dict],
     on_step: Callable[[int, float], None] | None = None,
     steps: int | None = None,
     start: FasterRCNN | None = None,
+    num_classes: int = 1,
 ) -> tuple[FasterRCNN, DetectorConfig]:
-    """images: uint8 N x H x W x 3; boxes: per image a list of (x, y, w, h) px.
-    `start` continues from a trained model (self-training rounds)."""
+    """images: uint8 N x H x W x 3; labelled: per image {"boxes": list of
+    (x, y, w, h) px, "labels": class ids 1..num_classes}.  num_classes 1 is
+    class-agnostic.  `start` continues from a trained model (self-training)."""
     steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    dcfg = DetectorConfig(min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou)
+    dcfg = DetectorConfig(num_classes=num_classes + 1, min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou)
     model = build_detector(dcfg)
     if start is not None:
         model.load_state_dict(start.state_dict())
@@ -126,7 +129,7 @@ def train(
     width = images.shape[2]
     for step in range(steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
-        targets = to_targets([boxes[i] for i in idx])
+        targets = to_targets([labelled[i] for i in idx])
         batch = data[idx]
         for j in np.flatnonzero(rng.random(len(idx)) < 0.5):  # horizontal flip, boxes with it
             batch[j] = batch[j].flip(-1)
@@ -146,7 +149,7 @@ def train(
 @torch.inference_mode()
 def predict(model: FasterRCNN, images, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
     """images: uint8 N x H x W x 3, or a list of H x W x 3 of any sizes.
-    Per image: boxes (x, y, w, h) px and scores, best first."""
+    Per image: boxes (x, y, w, h) px, scores and labels (class ids from 1), best first."""
     model.eval()
     data = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images]  # copy: PIL arrays are read-only
     out = []
@@ -154,7 +157,7 @@ def predict(model: FasterRCNN, images, batch_size: int = 64) -> list[dict[str, n
         for det in model(data[start : start + batch_size]):
             b = det["boxes"].numpy().copy()
             b[:, 2:] -= b[:, :2]
-            out.append({"boxes": b, "scores": det["scores"].numpy()})
+            out.append({"boxes": b, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()})
     return out
 
 
@@ -177,18 +180,19 @@ def load_detector(path: str | Path):
     return model.eval()
 
 
-def merge_predictions(
-    boxes: list[list[list[float]]], detections: list[dict[str, np.ndarray]], score: float, max_iou: float = 0.5
-) -> list[list[list[float]]]:
+def merge_predictions(labelled: list[dict], detections: list[dict[str, np.ndarray]], score: float,
+                      max_iou: float = 0.5) -> list[dict]:
     """Self-training labels: each image's boxes plus its detections scoring >= `score`
-    that overlap none of them (IoU < max_iou).  Boxes are (x, y, w, h) px."""
+    that overlap none of them (IoU < max_iou), with their predicted labels."""
     merged = []
-    for known, det in zip(boxes, detections):
-        out = [list(b) for b in known]
-        for b in det["boxes"][det["scores"] >= score]:
-            if not out or box_iou(_xyxy([b]), _xyxy(out)).max() < max_iou:
-                out.append([float(v) for v in b])
-        merged.append(out)
+    for known, det in zip(labelled, detections):
+        boxes, labels = [list(b) for b in known["boxes"]], list(known["labels"])
+        keep = det["scores"] >= score
+        for b, lab in zip(det["boxes"][keep], det["labels"][keep]):
+            if not boxes or box_iou(_xyxy([b]), _xyxy(boxes)).max() < max_iou:
+                boxes.append([float(v) for v in b])
+                labels.append(int(lab))
+        merged.append({"boxes": boxes, "labels": labels})
     return merged
 
 

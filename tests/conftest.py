@@ -17,7 +17,7 @@ TINY = {
     "train_encoder": {"steps": 2, "batch_size": 8},
     "generate": {"per_class": 2, "steps": 2, "batch_size": 4},
     "features": {"batch_size": 4},
-    "train_detector": {"steps": 2, "batch_size": 4, "self_train_steps": 2},
+    "train_detector": {"steps": 2, "batch_size": 4, "self_train_steps": 2, "class_aware": True},
     "evaluate": {"grid_images": 4},
 }
 

@@ -37,7 +37,7 @@ def test_eval_coco_matches_in_memory_evaluation(coco_dir, tmp_path, capsys):
     items = load_coco(coco_dir / "instances.json", coco_dir / "images")
     images = np.stack([np.asarray(Image.open(it.path).convert("RGB")) for it in items])
     cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 20, "batch_size": 4})
-    model, dcfg = train(cfg, images, [it.boxes for it in items])
+    model, dcfg = train(cfg, images, [{"boxes": it.boxes, "labels": [1] * len(it.boxes)} for it in items])
     save_detector(model, dcfg, tmp_path / "det" / "round-0")
     dets = [{k: v[d["scores"] >= 0.05] for k, v in d.items()} for d in predict(model, images)]
     expected, _ = coco_detection([it.boxes for it in items], dets, (32, 32))

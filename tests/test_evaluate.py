@@ -31,6 +31,16 @@ def test_coco_ap_perfect_and_half_recall():
     assert stats["AP50"] == 0.0
 
 
+def test_coco_ap_class_aware_penalises_wrong_labels():
+    gt = [[[0, 0, 10, 10]], [[4, 4, 12, 12]]]
+    labels = [[1], [2]]
+    right = [{"boxes": np.array(b, dtype=float), "scores": np.ones(1), "labels": np.array(l)} for b, l in zip(gt, labels)]
+    wrong = [{**d, "labels": np.array([3 - d["labels"][0]])} for d in right]
+    assert coco_detection(gt, right, (32, 32), labels, 2)[0]["AP50"] == pytest.approx(1.0)
+    assert coco_detection(gt, wrong, (32, 32), labels, 2)[0]["AP50"] == 0.0
+    assert coco_detection(gt, wrong, (32, 32))[0]["AP50"] == pytest.approx(1.0)  # class-agnostic ignores labels
+
+
 def test_prompt_alignment():
     text = np.eye(3)
     images = np.array([[1, 0, 0], [0, 0.9, 0.1], [0.6, 0.4, 0], [0, 0, 1]])

@@ -71,13 +71,13 @@ def test_item_seeds_are_stable_and_distinct():
 def test_detector_learns_and_roundtrips(tmp_path):
     cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 60, "batch_size": 4, "lr": 0.01})
     images = np.full((4, 32, 32, 3), 40, dtype=np.uint8)
-    boxes = []
+    labelled = []
     for i in range(4):
         x, y = 4 + 4 * i, 6 + 2 * i
         images[i, y : y + 12, x : x + 12] = 230
-        boxes.append([[float(x), float(y), 12.0, 12.0]])
+        labelled.append({"boxes": [[float(x), float(y), 12.0, 12.0]], "labels": [1]})
     losses = []
-    model, dcfg = train(cfg, images, boxes, lambda s, l: losses.append(l))
+    model, dcfg = train(cfg, images, labelled, lambda s, l: losses.append(l))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     save_detector(model, dcfg, tmp_path / "det")
     back = load_detector(tmp_path / "det")
@@ -98,8 +98,22 @@ def test_droploss_ignores_proposals_that_touch_no_pseudo_box():
 
 
 def test_self_training_merges_confident_new_boxes_only():
-    boxes = [[[0.0, 0.0, 10.0, 10.0]]]
+    labelled = [{"boxes": [[0.0, 0.0, 10.0, 10.0]], "labels": [2]}]
     dets = [{"boxes": np.array([[1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0], [5.0, 20.0, 6.0, 6.0]]),
-             "scores": np.array([0.95, 0.9, 0.3])}]
-    merged = merge_predictions(boxes, dets, score=0.7)
-    assert merged == [[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0]]]
+             "scores": np.array([0.95, 0.9, 0.3]), "labels": np.array([1, 3, 1])}]
+    merged = merge_predictions(labelled, dets, score=0.7)
+    assert merged == [{"boxes": [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0]], "labels": [2, 3]}]
+
+
+def test_class_aware_detector_has_a_head_per_class():
+    cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 60, "batch_size": 4, "lr": 0.01})
+    images = np.full((6, 32, 32, 3), 40, dtype=np.uint8)
+    labelled = []
+    for i in range(6):  # class 1: bright squares, class 2: dark-red squares
+        x, y = 3 + 3 * i, 5 + 2 * i
+        images[i, y : y + 12, x : x + 12] = (230, 230, 230) if i % 2 == 0 else (200, 0, 0)
+        labelled.append({"boxes": [[float(x), float(y), 12.0, 12.0]], "labels": [1 + i % 2]})
+    model, dcfg = train(cfg, images, labelled, num_classes=2)
+    assert dcfg.num_classes == 3 and model.roi_heads.box_predictor.cls_score.out_features == 3
+    dets = predict(model, images)
+    assert all(set(d["labels"].tolist()) <= {1, 2} for d in dets)

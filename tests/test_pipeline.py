@@ -34,6 +34,7 @@ def test_pipeline_runs_reruns_nothing_then_only_downstream(tiny_project):
     assert curves == ["round-0.csv", "round-1.csv"]  # round 0 + one self-training round
     assert (tiny_project / "plots/pr/round-1.csv").read_text().startswith("recall,precision")
     assert len(metrics["detector"]["rounds"]) == 2
+    assert 0.0 <= metrics["detector"]["rounds"][-1]["class_aware"]["ap50"] <= 1.0  # tiny config trains class-aware
     images = read_table(tiny_project / "data/generated")
     assert images.num_rows == 6
     assert set(images.column("class_name").to_pylist()) == {"circle", "square", "triangle"}
