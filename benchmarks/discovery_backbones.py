@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mirage.images import decode_png
 from mirage.models import load_encoder, load_generator

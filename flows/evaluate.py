@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mirage.fingerprint import encoder_spec
 from mirage.images import decode_png
 from mirage.models import EncoderKeys, load_encoder, load_patch_backbone
-from mirage.params import Discover, Evaluate, Params
+from mirage.params import Discover, Params
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
 from tasks.discover import cut_to_object, discover_objects

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from mirage import pipeline
 from mirage.cli import main as cli_main
