@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mirage.fingerprint import encoder_spec
 from mirage.images import decode_png
-from mirage.models import EncoderKeys, load_encoder, load_patch_backbone
+from mirage.models import EncoderPatches, load_encoder, load_patch_backbone
 from mirage.params import Discover, Params
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
@@ -72,8 +72,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     encoder = load_encoder(encoder_spec(encoder_arg))
     spec = params.features.patch_backbone
     backbone = load_patch_backbone(spec, encoder, generator)
-    if spec == "encoder":
-        baseline = EncoderKeys(load_encoder(f"random:{params.train_encoder.config}:{cfg.random_seed}", encoder.device))
+    if spec == "encoder" or spec.startswith("encoder:"):
+        random_encoder = load_encoder(f"random:{params.train_encoder.config}:{cfg.random_seed}", encoder.device)
+        baseline = EncoderPatches(random_encoder, spec.partition(":")[2] or "keys")
     else:
         baseline = load_patch_backbone(spec, encoder, generator, random_seed=cfg.random_seed)
     learned = discovery_boxes(backbone, test_images, dcfg)

@@ -1,69 +1,110 @@
-"""Stage features: encoder embeddings (+ patch keys) of the generated images."""
+"""Stage features: global embeddings (+ patch features) of the generated images.
+
+Images stream from the images table in key order; a background thread reads
+and decodes (with `features.workers` threads) and preprocesses the next
+batches while the model runs on the current one.  Only missing items are
+computed; rows of a previous encoder are kept in the pool, so switching back
+restores them.
+"""
 from __future__ import annotations
 
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
-from mirage.images import decode_png
-from mirage.models import Encoder, load_encoder, load_patch_backbone
+from mirage.generators import resolve_device
+from mirage.models import ImageEncoder, load_encoder, load_patch_backbone
 from mirage.params import Features
-from mirage.stage import parse, progress
-from mirage.store import ShardStore, item_key, read_table
-from tasks.features import embed_images
+from mirage.stage import parse, pool_dir, progress
+from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
+from tasks.features import decode_batch, embed_batch
 
-VERSION = 1
+VERSION = 2
 
 
-@task
-def encode(encoder: Encoder, backbone, model_id: str, fschema: pa.Schema, rows: list[dict]) -> pa.Table:
-    emb, keys = embed_images(encoder, backbone, [r["image"] for r in rows])
+def patch_mode(cfg: Features) -> str | None:
+    """None, `keys`, `tokens` (from the encoder's own forward) or `unet`."""
+    if not cfg.patches:
+        return None
+    if cfg.patch_backbone.startswith("unet"):
+        return "unet"
+    return cfg.patch_backbone.partition(":")[2] or "keys"
+
+
+@task(cache_policy=NO_CACHE)
+def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema: pa.Schema, batch) -> pa.Table:
+    specs, images, pixels = batch
+    emb, patches = embed_batch(encoder, pixels, images, mode, unet)
     cols = {
-        "key": [r["key"] for r in rows],
-        "id": [r["id"] for r in rows],
-        "model": [model_id] * len(rows),
+        "key": [s["key"] for s in specs],
+        "id": [s["id"] for s in specs],
+        "model": [model_id] * len(specs),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float16()), emb.shape[1]),
     }
-    if keys is not None:
-        cols["patches"] = pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.float16()), keys.shape[1])
+    if patches is not None:
+        cols["patches"] = pa.FixedSizeListArray.from_arrays(pa.array(patches.ravel(), pa.float16()), patches.shape[1])
     return pa.table(cols, schema=fschema)
 
 
 @flow(name="features")
-def features_flow(cfg: Features, images: str, encoder_arg: str, generator: str, out: str) -> dict[str, int]:
+def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[str, int]:
     log = get_run_logger()
-    spec = encoder_spec(encoder_arg)
-    encoder = load_encoder(spec)
-    backbone = load_patch_backbone(cfg.patch_backbone, encoder, generator) if cfg.patches else None
-    # the patch features' identity: the encoder's for its keys, the generator's for its UNet
-    patch_id = (model_fingerprint(generator) if cfg.patch_backbone.startswith("unet") else "") if cfg.patches else ""
+    spec = encoder_spec(cfg.encoder)
+    encoder = load_encoder(spec, resolve_device(cfg.device), cfg.dtype)
+    mode = patch_mode(cfg)
+    unet = load_patch_backbone(cfg.patch_backbone, encoder, generator) if mode == "unet" else None
     model_id = model_fingerprint(spec)
-    source = read_table(images, columns=["key", "id", "image"]).to_pylist()
+    patch_id = model_fingerprint(generator) if mode == "unet" else ""  # the UNet's identity, when it makes the patches
+    source = [(r["key"], r["id"]) for r in iter_rows(images, ["key", "id"])]
     meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
     patch_len = None
-    if backbone is not None and source:
-        probe, (gh, gw) = backbone.patches(np.stack([decode_png(source[0]["image"])]))
-        patch_len = probe.size
-        meta |= {"grid": f"{gh},{gw},{probe.shape[-1]}", "patches": cfg.patch_backbone, "patches_model": patch_id or model_id}
-    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows)
-    wanted = []
-    for row in source:
-        key = item_key("features", VERSION, row["key"], model_id, cfg.patches, cfg.patch_backbone, patch_id)
-        wanted.append((key, {"key": key, "id": row["id"], "image": row["image"]}))
-    with progress(len(wanted), "features") as bar:
-        stats = store.update(wanted, lambda rows: encode(encoder, backbone, model_id, store.schema, rows),
-                             cfg.batch_size, bar.update)
-    log.info("features: %d items (%d computed, %d reused) with %s", stats.wanted, stats.computed, stats.reused, model_id)
-    return {"items": stats.wanted, "computed": stats.computed}
+    if mode and source:
+        first = OrderedReader(images, ["image"]).take([source[0][0]])[0]["image"]
+        probe = decode_batch([source[0][1]], [first], None)
+        _, feats = embed_batch(encoder, encoder.prepare(probe), probe, mode, unet)
+        gh, gw = unet.patches(probe)[1] if mode == "unet" else encoder.patch_grid
+        patch_len = feats.shape[1]
+        meta |= {"grid": f"{gh},{gw},{patch_len // (gh * gw)}", "patches": cfg.patch_backbone,
+                 "patches_model": patch_id or model_id}
+    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows,
+                       pool=pool_dir("features"))
+    # what determines an item: its image, the encoder's bytes, and how patches are made
+    wanted = [(item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id),
+               {"src": src, "id": image_id}) for src, image_id in source]
+    for key, s in wanted:
+        s["key"] = key
+    reader = OrderedReader(images, ["image"])
+    workers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="mirage-decode") if cfg.workers else None
+
+    def prepare(specs: list[dict]):
+        rows = reader.take([s["src"] for s in specs])
+        decoded = decode_batch([s["id"] for s in specs], [r["image"] for r in rows], workers)
+        return specs, decoded, encoder.prepare(decoded)
+
+    start = time.perf_counter()
+    try:
+        with progress(len(wanted), "features", unit="img") as bar:
+            stats = store.update(wanted, lambda batch: encode(encoder, mode, unet, model_id, store.schema, batch),
+                                 cfg.batch_size, bar.update, prepare=prepare, prefetch=2 if cfg.workers else 0)
+    finally:
+        if workers:
+            workers.shutdown()
+    rate = stats.computed / max(time.perf_counter() - start, 1e-9)
+    log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) with %s",
+             stats.wanted, stats.computed, rate, stats.reused, stats.restored, stats.dropped, model_id)
+    return {"items": stats.wanted, "computed": stats.computed, "reused": stats.reused, "restored": stats.restored}
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, args = parse("features", ["images", "encoder", "generator", "out"], argv)
-    features_flow(params.features, args.images, args.encoder, args.generator, args.out)
+    params, args = parse("features", ["images", "generator", "out"], argv)
+    features_flow(params.features, args.images, args.generator, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage generate: sample images for every class prompt into Parquet shards."""
+"""Stage generate: sample images for every (template, class) prompt into Parquet shards."""
 from __future__ import annotations
 
 import sys
@@ -9,30 +9,17 @@ from prefect import flow, get_run_logger, task
 
 from mirage import schema
 from mirage.fingerprint import model_fingerprint
+from mirage.generators import GenerationItem, Generator, load_generator
 from mirage.images import encode_png
-from mirage.models import load_generator
 from mirage.params import Generate
-from mirage.stage import parse, progress
-from mirage.store import ShardStore, item_key
-from tasks.generate import GenerationItem, generate_batch, item_seed
-
-VERSION = 1  # bump when sampling changes: it is part of every image's key
-
-
-def wanted_items(cfg: Generate, model_id: str) -> list[GenerationItem]:
-    items = []
-    for class_name in cfg.classes:
-        prompt = cfg.prompt_template.format(class_name)
-        for i in range(cfg.per_class):
-            seed = item_seed(cfg.seed, class_name, i)
-            key = item_key("generate", VERSION, model_id, prompt, class_name, seed, cfg.steps, cfg.guidance)
-            items.append(GenerationItem(key, prompt, class_name, seed))
-    return items
+from mirage.stage import parse, pool_dir, progress
+from mirage.store import ShardStore
+from tasks.generate import plan
 
 
 @task
-def sample(pipe, model_id: str, cfg: Generate, items: list[GenerationItem]) -> pa.Table:
-    images = generate_batch(pipe, items, cfg.steps, cfg.guidance)
+def sample(gen: Generator, model_id: str, cfg: Generate, size: int | None, items: list[GenerationItem]) -> pa.Table:
+    images = gen.sample(items, cfg.steps, cfg.guidance, size, pad_to=cfg.batch_size)
     rows = [
         {"key": it.key, "id": f"g-{it.key[:16]}", "image": encode_png(img), "width": img.shape[1],
          "height": img.shape[0], "prompt": it.prompt, "class_name": it.class_name, "seed": it.seed,
@@ -42,29 +29,38 @@ def sample(pipe, model_id: str, cfg: Generate, items: list[GenerationItem]) -> p
     return pa.Table.from_pylist(rows, schema=schema.IMAGES)
 
 
+def image_size(cfg: Generate, gen: Generator) -> int | None:
+    native = gen.native_size()
+    if native and cfg.image_size and cfg.image_size != native:
+        raise ValueError(f"generate.image_size: {cfg.image_size}, but {cfg.model} only makes {native} px images")
+    return cfg.image_size or native
+
+
 @flow(name="generate")
-def generate_flow(cfg: Generate, model: str, out: str) -> dict[str, int]:
+def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
     log = get_run_logger()
-    model_id = model_fingerprint(model)
-    pipe = load_generator(model)
-    unknown = [c for c in cfg.classes if c not in pipe.config.class_names]
-    if unknown:
-        raise ValueError(f"generate.classes: {unknown} not known to generator {model} ({pipe.config.class_names})")
-    items = wanted_items(cfg, model_id)
-    store = ShardStore(out, schema.IMAGES, {"stage": "generate", "model": model_id, "params": cfg.digest()}, cfg.shard_rows)
+    model_id = model_fingerprint(cfg.model)
+    gen = load_generator(cfg.model, cfg.device, cfg.dtype)
+    gen.check_classes(cfg.classes)
+    size = image_size(cfg, gen)
+    dtype = str(gen.dtype).removeprefix("torch.")
+    items = plan(cfg.prompt_templates, cfg.classes, cfg.per_prompt, cfg.seed,
+                 (model_id, cfg.steps, cfg.guidance, size, dtype))
+    meta = {"stage": "generate", "model": model_id, "params": cfg.digest(), "device": str(gen.device), "dtype": dtype}
+    store = ShardStore(out, schema.IMAGES, meta, cfg.shard_rows, pool=pool_dir("generate"))
     start = time.perf_counter()
-    with progress(len(items), "generate") as bar:
-        stats = store.update([(it.key, it) for it in items], lambda batch: sample(pipe, model_id, cfg, batch),
+    with progress(len(items), "generate", unit="img") as bar:
+        stats = store.update([(it.key, it) for it in items], lambda batch: sample(gen, model_id, cfg, size, batch),
                              cfg.batch_size, bar.update)
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
-    log.info("generate: %d images (%d new at %.1f img/s, %d reused, %d dropped)",
-             stats.wanted, stats.computed, rate, stats.reused, stats.dropped)
-    return {"images": stats.wanted, "computed": stats.computed}
+    log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %d reused, %d dropped)",
+             stats.wanted, stats.computed, rate, gen.device, dtype, stats.reused, stats.dropped)
+    return {"images": stats.wanted, "computed": stats.computed, "reused": stats.reused}
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, args = parse("generate", ["model", "out"], argv)
-    generate_flow(params.generate, args.model, args.out)
+    params, args = parse("generate", ["out"], argv)
+    generate_flow(params.generate, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 def model_fingerprint(spec: str) -> str:
     """`name@hash` for a local model directory or file (hash of every file's
     path and bytes), the spec itself for a hub id or a random-weight baseline."""
-    path = Path(spec.removeprefix("local-dir:"))
+    path = Path(spec.split("local-dir:", 1)[-1])
     if not path.exists():
         return spec
     digest = hashlib.sha256()
@@ -22,5 +22,9 @@ def model_fingerprint(spec: str) -> str:
 
 
 def encoder_spec(arg: str) -> str:
-    """A directory on disk is an open_clip local-dir model; anything else is a name."""
-    return f"local-dir:{arg}" if Path(arg).is_dir() else arg
+    """A directory on disk is a local model (timm's if it holds timm's
+    config.json, else open_clip's); anything else is a name."""
+    path = Path(arg)
+    if not path.is_dir():
+        return arg
+    return f"timm:local-dir:{arg}" if (path / "config.json").exists() and not (path / "open_clip_config.json").exists() else f"local-dir:{arg}"

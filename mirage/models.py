@@ -6,11 +6,14 @@ open_clip_model.safetensors, the toy encoder's layout), `ARCH:TAG` or
 checkpoint), or `random:ARCH:SEED` (the architecture with random weights, the
 baseline that learned features must beat).  The toy architectures are JSON
 configs in mirage/model_configs/, registered with open_clip on import.
+`timm:NAME`, `timm:local-dir:PATH` and `timm:random:NAME:SEED` are the same
+three forms for timm ViTs (DINO, DeiT, ...), image tower only.
 
-Generators: a directory saved with diffusers' `save_pretrained`.
+Generators: mirage/generators.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,89 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ImageEncoder:
+    """Pixels in, features out; the part every backend shares.
+
+    `prepare` (uint8 images -> normalised CPU tensor) is thread-safe and runs in
+    the features stage's background workers; `forward` runs the model on its
+    device, under autocast on a GPU.  Subclasses say where the patch tokens and
+    the last block's attention keys come from.
+    """
+
+    name: str
+    model: torch.nn.Module
+    image_size: int
+    mean: torch.Tensor  # 1 x 3 x 1 x 1, on CPU
+    std: torch.Tensor
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # GPU only
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 B x H x W x 3 -> normalised float B x 3 x S x S on CPU (bicubic resize if needed)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        return self.prepare(images).to(self.device)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hooks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(module whose output holds all tokens, module whose output feeds the last attention)."""
+        raise NotImplementedError
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    num_prefix_tokens = 1
+
+    def forward(self, x: torch.Tensor, patches: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """L2-normalised float32 embeddings B x D and, if asked, patch features
+        B x (gh * gw) x C: `keys` (the last block's attention keys, TokenCut's
+        choice) or `tokens` (the final patch tokens); prefix tokens dropped."""
+        if patches not in (None, "keys", "tokens"):
+            raise ValueError(f"patch features {patches!r}: expected 'keys' or 'tokens'")
+        captured: list[torch.Tensor] = []
+        tokens_at, keys_at = self._hooks()
+        module = tokens_at if patches == "tokens" else keys_at
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out)) if patches else None
+        autocast = torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        try:
+            with autocast:
+                emb = self._embed(x.to(self.device, non_blocking=True))
+                feats = None
+                if patches == "keys":
+                    feats = self._keys(captured[-1])
+                elif patches == "tokens":
+                    feats = captured[-1]
+        finally:
+            if handle:
+                handle.remove()
+        emb = F.normalize(emb.float(), dim=-1)
+        return emb, None if feats is None else feats[:, self.num_prefix_tokens :].float()
+
+    def encode_images(self, images: np.ndarray, keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings and (if `keys`) last-block attention keys of uint8 images."""
+        return self.forward(self.prepare(images), "keys" if keys else None)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        raise ValueError(f"encoder {self.name!r} has no text tower: zero-shot naming and search need an open_clip model")
+
+
 @dataclass
-class Encoder:
-    """An open_clip model with the bits mirage needs: pixels in, features out."""
+class Encoder(ImageEncoder):
+    """An open_clip model (image and text towers)."""
 
     name: str
     model: torch.nn.Module
@@ -38,6 +121,7 @@ class Encoder:
     mean: torch.Tensor
     std: torch.Tensor
     device: torch.device
+    autocast_dtype: torch.dtype | None = None
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -51,42 +135,75 @@ class Encoder:
     def key_dim(self) -> int:
         return int(self.model.visual.transformer.resblocks[-1].attn.embed_dim)
 
-    def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 B x H x W x 3 -> normalised float B x 3 x S x S (bicubic resize if needed)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
-        return (x - self.mean) / self.std
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
 
-    def encode_images(self, images: np.ndarray, keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns L2-normalised embeddings B x D and, if asked, the last block's
-        attention keys for the patch tokens, B x (gh * gw) x C (class token dropped)."""
-        block = self.model.visual.transformer.resblocks[-1]
-        captured: list[torch.Tensor] = []
-        handle = block.ln_1.register_forward_hook(lambda _m, _i, out: captured.append(out)) if keys else None
-        try:
-            emb = self.model.encode_image(self.preprocess(images), normalize=True)
-        finally:
-            if handle:
-                handle.remove()
-        if not keys:
-            return emb, None
-        x = captured[-1]  # B x (1 + gh*gw) x C, batch-first in open_clip 3
-        c = block.attn.embed_dim
-        k = F.linear(x, block.attn.in_proj_weight[c : 2 * c], block.attn.in_proj_bias[c : 2 * c])
-        return emb, k[:, 1:]
+    def _hooks(self):
+        return self.model.visual.transformer, self.model.visual.transformer.resblocks[-1].ln_1
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.model.visual.transformer.resblocks[-1].attn  # B x T x C in, batch-first in open_clip 3
+        c = attn.embed_dim
+        return F.linear(x, attn.in_proj_weight[c : 2 * c], attn.in_proj_bias[c : 2 * c])
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, len(texts) x D."""
         return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)
 
 
+@dataclass
+class TimmEncoder(ImageEncoder):
+    """A timm ViT (DINO, DeiT, ...): image tower only, pooled pre-logits as the embedding."""
+
+    name: str
+    model: torch.nn.Module
+    image_size: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 1))
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_features)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def _hooks(self):
+        return self.model.norm, self.model.blocks[-1].attn.qkv
+
+    def _keys(self, qkv: torch.Tensor) -> torch.Tensor:
+        c = qkv.shape[-1] // 3
+        return qkv[..., c : 2 * c]
+
+
+def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    from mirage.generators import resolve_dtype
+
+    dt = resolve_dtype(dtype, device)
+    return None if dt == torch.float32 else dt
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_encoder(name: str, device: torch.device | None = None) -> Encoder:
+def load_encoder(name: str, device: torch.device | None = None, dtype: str = "auto") -> ImageEncoder:
+    """An encoder by spec (see the module doc); `timm:` selects the timm backend."""
     device = device or default_device()
+    if name.startswith("timm:"):
+        return _load_timm(name, device, dtype)
     if name.startswith("random:"):
         _, arch, seed = name.split(":")
         torch.manual_seed(int(seed))
@@ -114,9 +231,48 @@ def load_encoder(name: str, device: torch.device | None = None) -> Encoder:
         model=model,
         tokenizer=tokenizer,
         image_size=int(size),
-        mean=torch.tensor(norm.mean, device=device).view(shape),
-        std=torch.tensor(norm.std, device=device).view(shape),
+        mean=torch.tensor(norm.mean).view(shape),
+        std=torch.tensor(norm.std).view(shape),
         device=device,
+        autocast_dtype=_autocast_dtype(dtype, device),
+    )
+
+
+def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
+    """`timm:NAME[.TAG]` (pretrained from the hub), `timm:local-dir:PATH` (saved
+    with timm's save_for_hf) or `timm:random:NAME:SEED`."""
+    import timm
+
+    rest = name.removeprefix("timm:")
+    if rest.startswith("random:"):
+        _, arch, seed = rest.split(":")
+        torch.manual_seed(int(seed))
+        source, pretrained = arch, False
+    elif rest.startswith("local-dir:"):
+        path = Path(rest.removeprefix("local-dir:"))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"encoder {name!r}: {path}/config.json not found")
+        source, pretrained = rest, True
+    else:
+        source, pretrained = rest, True
+    try:
+        model = timm.create_model(source, pretrained=pretrained)
+    except RuntimeError as err:
+        raise ValueError(f"encoder {name!r}: {err}") from None
+    model.reset_classifier(0)  # the pooled pre-logits are the embedding
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ValueError(f"encoder {name!r}: not a ViT (mirage needs patch tokens)")
+    model = model.eval().to(device)
+    cfg = timm.data.resolve_data_config(model=model)
+    shape = (1, 3, 1, 1)
+    return TimmEncoder(
+        name=name,
+        model=model,
+        image_size=int(cfg["input_size"][-1]),
+        mean=torch.tensor(cfg["mean"]).view(shape),
+        std=torch.tensor(cfg["std"]).view(shape),
+        device=device,
+        autocast_dtype=_autocast_dtype(dtype, device),
     )
 
 
@@ -133,28 +289,30 @@ def save_encoder(model: torch.nn.Module, arch: str, out: Path) -> None:
 
 
 def load_generator(path: str, device: torch.device | None = None):
-    """A diffusers pipeline saved with save_pretrained (the toy ToyPipeline)."""
-    from mirage.pipelines import ToyPipeline
+    """The toy diffusers pipeline saved at `path` (its UNet is a patch backbone)."""
+    from mirage.generators import load_generator as load
 
-    index = Path(path) / "model_index.json"
-    if not index.exists():
-        raise FileNotFoundError(f"generator {path!r}: no model_index.json (run stage train_generator)")
-    if json.loads(index.read_text()).get("_class_name") != "ToyPipeline":
-        raise ValueError(f"generator {path!r}: only the toy pipeline is supported in this version")
-    return ToyPipeline.from_pretrained(path).to(device or default_device())
+    gen = load(path, str(device or default_device()))
+    if gen.kind != "toy":
+        raise ValueError(f"generator {path!r}: a UNet patch backbone needs the toy pipeline, not {gen.kind}")
+    return gen.pipe
 
 
-class EncoderKeys:
-    """Patch features = the encoder's last-block attention keys (TokenCut's choice)."""
+class EncoderPatches:
+    """Patch features from the encoder itself: its last-block attention keys
+    (`keys`, TokenCut's choice) or its final patch tokens (`tokens`)."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: ImageEncoder, mode: str = "keys"):
+        if mode not in ("keys", "tokens"):
+            raise ValueError(f"features.patch_backbone: encoder:{mode} is neither encoder:keys nor encoder:tokens")
         self.encoder = encoder
+        self.mode = mode
 
     def patches(self, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """uint8 B x H x W x 3 -> float32 B x (gh * gw) x C and the grid (gh, gw)."""
         with torch.inference_mode():
-            _, keys = self.encoder.encode_images(images)
-        return keys.float().cpu().numpy(), self.encoder.patch_grid
+            _, feats = self.encoder.forward(self.encoder.prepare(images), self.mode)
+        return feats.cpu().numpy(), self.encoder.patch_grid
 
 
 class DiffusionActivations:
@@ -197,13 +355,14 @@ class DiffusionActivations:
         return f.permute(0, 2, 3, 1).reshape(b, h * w, c).float().cpu().numpy(), (h, w)
 
 
-def load_patch_backbone(spec: str, encoder: Encoder, generator: str | None, random_seed: int | None = None):
-    """`encoder` (the encoder's keys) or `unet:MODULE:TIMESTEP[:NOISE_SEED]` (the
-    generator's UNet).  With `random_seed`, the same architecture with random
-    weights: the baseline that learned features must beat."""
-    if spec == "encoder":
+def load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None, random_seed: int | None = None):
+    """`encoder` / `encoder:keys` (the encoder's last-block keys), `encoder:tokens`
+    or `unet:MODULE:TIMESTEP[:NOISE_SEED]` (the generator's UNet).  With
+    `random_seed`, the same architecture with random weights: the baseline that
+    learned features must beat."""
+    if spec == "encoder" or spec.startswith("encoder:"):
         if random_seed is None:
-            return EncoderKeys(encoder)
+            return EncoderPatches(encoder, spec.partition(":")[2] or "keys")
         raise ValueError("a random-weight encoder baseline is built by load_encoder('random:ARCH:SEED')")
     kind, _, rest = spec.partition(":")
     if kind != "unet" or rest.count(":") not in (1, 2):

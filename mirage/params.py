@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,9 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # fields that change how a stage runs but never what it writes
+    RUNTIME: ClassVar[frozenset[str]] = frozenset()
+
     def digest(self) -> str:
-        """A short hash of the section's values: part of every item key."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the values that shape the section's outputs (recorded
+        in their metadata, so it must not include RUNTIME fields)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUNTIME)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -64,27 +68,43 @@ class TrainEncoder(Section):
     seed: int
 
 
+Device = str  # "auto" (a GPU if there is one), "cpu", "cuda", "cuda:1", ...
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: float16 on GPU, float32 on CPU
+
+
 class Generate(Section):
+    model: str = "models/generator"  # a local pipeline directory or a hub id (diffusers)
     classes: tuple[str, ...] = Field(min_length=1)
-    prompt_template: str
-    per_class: int = Field(gt=0)
+    prompt_templates: tuple[str, ...] = Field(min_length=1)
+    per_prompt: int = Field(gt=0)  # images per (template, class)
     seed: int
     steps: int = Field(gt=0)
     guidance: float = Field(ge=0)
+    image_size: int | None = Field(default=None, ge=8)  # None: the model's own size
     batch_size: int = Field(gt=0)
+    device: Device = "auto"
+    dtype: Dtype = "auto"
     shard_rows: int = Field(default=1024, gt=0)
 
     @model_validator(mode="after")
     def _template(self) -> "Generate":
-        if "{}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain '{}' for the class name")
+        bad = [t for t in self.prompt_templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"prompt_templates: {bad} must contain '{{}}' once, for the class name")
         return self
 
 
 class Features(Section):
+    RUNTIME = frozenset({"workers"})
+
+    encoder: str = "models/encoder"  # open_clip (dir, ARCH:TAG, random:ARCH:SEED) or timm:NAME / timm:local-dir:PATH
     batch_size: int = Field(gt=0)
     patches: bool
+    # encoder (= encoder:keys), encoder:tokens, or unet:MODULE:TIMESTEP[:SEED]
     patch_backbone: str = "encoder"
+    workers: int = Field(default=2, ge=0)  # threads decoding and preprocessing ahead of the model
+    device: Device = "auto"
+    dtype: Dtype = "auto"  # autocast dtype on GPU; CPU always runs float32
     shard_rows: int = Field(default=1024, gt=0)
 
 

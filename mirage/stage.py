@@ -7,6 +7,8 @@ with the argv parsed from dvc.yaml, so paths live in dvc.yaml only.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
@@ -35,6 +37,17 @@ class _Bar(tqdm):
         super().set_postfix(*args, **kwargs)
 
 
-def progress(total: int, desc: str) -> tqdm:
-    """A progress bar on stderr that stays quiet when nothing is to be done."""
-    return _Bar(total=total, desc=desc, unit="item", disable=total == 0, leave=False, mininterval=1.0)
+def progress(total: int, desc: str, unit: str = "item") -> tqdm:
+    """A progress bar on stderr (with items/s) that stays quiet when nothing is to be done."""
+    return _Bar(total=total, desc=desc, unit=unit, disable=total == 0, leave=False, mininterval=1.0)
+
+
+POOL_ENV = "MIRAGE_POOL"
+
+
+def pool_dir(stage: str) -> Path:
+    """Where a stage keeps rows it no longer outputs (for switching back):
+    `.mirage/pool/<stage>` under the working directory (the project root), or
+    under $MIRAGE_POOL.  Outside every DVC output, so outputs stay identical to
+    a from-scratch run; delete it any time to reclaim disk."""
+    return Path(os.environ.get(POOL_ENV, ".mirage/pool")) / stage

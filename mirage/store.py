@@ -10,13 +10,24 @@ Crash safety: every file is written to a temp name and renamed.  Computed
 batches land in `.work/` first, so a killed run resumes without recomputing
 them; the manifest is replaced last, and files it does not name are deleted
 only after it is in place.
+
+Streaming: `prepare` (reading and decoding a batch's inputs) runs in a
+background thread up to `prefetch` batches ahead of `compute` (the model), and
+memory holds a few batches, not the table.
+
+Pool: rows that stop being wanted can be kept in a pool directory outside the
+output (e.g. the features of the previous encoder), so switching back restores
+them instead of recomputing; the output itself stays identical to a
+from-scratch run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,27 +57,82 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+ROW_GROUP_BYTES = 64 << 20  # readers stream a row group at a time
+
+
 def write_parquet(path: Path, table: pa.Table) -> None:
-    """Atomic Parquet write with fixed settings, so equal tables give equal bytes."""
+    """Atomic Parquet write with fixed settings, so equal tables give equal bytes.
+    Row groups hold up to 4096 rows and about 64 MB, so big rows (real images,
+    patch features) still stream."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=4096)
+    row_bytes = table.nbytes / max(table.num_rows, 1)
+    rows = max(1, min(4096, int(ROW_GROUP_BYTES // max(row_bytes, 1))))
+    pq.write_table(table, tmp, compression="zstd", row_group_size=rows)
     os.replace(tmp, path)
+
+
+class _Failed:
+    def __init__(self, err: BaseException):
+        self.err = err
+
+
+def prepared_ahead(chunks: Sequence[Any], prepare: Callable[[Any], Any], depth: int) -> Iterator[tuple[Any, Any]]:
+    """Yield (chunk, prepare(chunk)) in order, with prepare running in one
+    background thread up to `depth` chunks ahead (depth 0: inline)."""
+    if depth <= 0:
+        for chunk in chunks:
+            yield chunk, prepare(chunk)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for chunk in chunks:
+                if not put((chunk, prepare(chunk))):
+                    return
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            put(_Failed(err))
+
+    thread = threading.Thread(target=work, name="mirage-prepare", daemon=True)
+    thread.start()
+    try:
+        for _ in range(len(chunks)):
+            item = q.get()
+            if isinstance(item, _Failed):
+                raise item.err
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 @dataclass
 class UpdateStats:
     wanted: int
-    reused: int
+    reused: int  # from the output, unfinished work, or the pool
     computed: int
     dropped: int
+    restored: int = 0  # of `reused`: rows brought back from the pool
 
 
 class ShardStore:
     """A directory of Parquet shards plus `manifest.json`."""
 
-    def __init__(self, root: str | Path, schema: pa.Schema, metadata: dict[str, str], shard_rows: int):
+    def __init__(self, root: str | Path, schema: pa.Schema, metadata: dict[str, str], shard_rows: int,
+                 pool: str | Path | None = None):
         self.root = Path(root)
+        self.pool = Path(pool) if pool else None
         self.metadata = {k: str(v) for k, v in sorted(metadata.items())}
         self.schema = schema.with_metadata(self.metadata)
         self.shard_rows = shard_rows
@@ -83,11 +149,13 @@ class ShardStore:
         work = self.root / WORK
         if work.exists():
             files += sorted(work.glob("batch-*.parquet"))
+        if self.pool and self.pool.exists():
+            files += sorted(self.pool.glob("kept-*.parquet"))
         for f in files:
             if not f.exists():
                 continue
-            if f.parent.name == WORK and pq.read_schema(f).remove_metadata() != self.schema.remove_metadata():
-                continue  # a batch from an older schema: recompute it
+            if f.parent != self.root and pq.read_schema(f).remove_metadata() != self.schema.remove_metadata():
+                continue  # work or pool rows of another schema (an older version, another encoder)
             for row, key in enumerate(pq.read_table(f, columns=["key"]).column("key").to_pylist()):
                 index.setdefault(key, (f, row))
         return index
@@ -99,11 +167,15 @@ class ShardStore:
         compute: Callable[[list[Any]], pa.Table],
         batch_size: int,
         progress: Callable[[int], None] | None = None,
+        prepare: Callable[[list[Any]], Any] | None = None,
+        prefetch: int = 2,
     ) -> UpdateStats:
         """Make the table hold exactly `wanted` (key, spec) items, in order.
 
-        `compute(specs)` returns a table of `self.schema` with one row per spec,
-        in order, its `key` column set to the specs' keys.
+        `compute(x)` returns a table of `self.schema` with one row per spec of
+        the batch, in order, its `key` column set to the specs' keys; `x` is
+        the batch's specs, or `prepare(specs)` when `prepare` is given (run
+        in a background thread, `prefetch` batches ahead).
         """
         keys = [k for k, _ in wanted]
         if len(set(keys)) != len(keys):
@@ -113,11 +185,14 @@ class ShardStore:
         index = self._index()
         missing = [(k, s) for k, s in wanted if k not in index]
         work = self.root / WORK
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            table = compute([s for _, s in chunk])
+        pooled = sum(1 for k, _ in wanted if k in index and self.pool and index[k][0].parent == self.pool)
+        chunks = [[s for _, s in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)]
+        keys_of = iter([[k for k, _ in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)])
+        for _specs, x in prepared_ahead(chunks, prepare or (lambda specs: specs), prefetch if prepare else 0):
+            chunk = next(keys_of)
+            table = compute(x)
             got = table.column("key").to_pylist()
-            if got != [k for k, _ in chunk]:
+            if got != chunk:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")
             path = work / f"batch-{item_key(got)}.parquet"
             write_parquet(path, table.cast(self.schema))
@@ -127,30 +202,42 @@ class ShardStore:
                 progress(len(chunk))
         reused = len(wanted) - len(missing)
         old_keys = set(self._manifest_keys())
+        dropped = old_keys - set(keys)
+        if self.pool and dropped:
+            self._keep(sorted(k for k in dropped if index[k][0].parent != self.pool), index)
         self._finalize(keys, index)
-        return UpdateStats(len(wanted), reused, len(missing), len(old_keys - set(keys)))
+        return UpdateStats(len(wanted), reused, len(missing), len(dropped), pooled)
+
+    def _keep(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
+        """Copy no-longer-wanted rows into the pool before the output drops them."""
+        if keys:
+            table = self._gather(keys, index)
+            write_parquet(self.pool / f"kept-{item_key(keys, self.metadata)[:16]}.parquet", table)
 
     def _manifest_keys(self) -> Iterator[str]:
         for shard in self.manifest()["shards"]:
             yield from shard["keys"]
 
+    def _gather(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> pa.Table:
+        """The rows of `keys`, in order, from wherever the index has them."""
+        pieces, cache = [], {}
+        for key in keys:
+            src, row = index[key]
+            if src not in cache:
+                cache.clear()  # keep one source table in memory at a time
+                cache[src] = pq.read_table(src)
+            pieces.append(cache[src].slice(row, 1))
+        table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
+        return table.cast(self.schema).combine_chunks()
+
     def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
         shards = []
-        cache: dict[Path, pa.Table] = {}
         for start in range(0, max(len(keys), 1), self.shard_rows):
             part = keys[start : start + self.shard_rows]
             name = f"part-{start // self.shard_rows:05d}-{item_key(part, self.metadata)[:12]}.parquet"
             path = self.root / name
             if not path.exists():
-                pieces = []
-                for key in part:
-                    src, row = index[key]
-                    if src not in cache:
-                        cache.clear()  # keep one source table in memory at a time
-                        cache[src] = pq.read_table(src)
-                    pieces.append(cache[src].slice(row, 1))
-                table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
-                write_parquet(path, table.cast(self.schema).combine_chunks())
+                write_parquet(path, self._gather(part, index))
             shards.append({"file": name, "rows": len(part), "keys": part})
         atomic_write_json(self.root / MANIFEST, {"shards": shards})
         keep = {s["file"] for s in shards} | {MANIFEST}
@@ -170,6 +257,35 @@ def read_table(root: str | Path, columns: list[str] | None = None) -> pa.Table:
     if not tables:
         return pq.read_table(root / shards[0]["file"], columns=columns)
     return pa.concat_tables(tables)
+
+
+def iter_rows(root: str | Path, columns: list[str], batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+    """The table's rows in manifest order, streamed a record batch at a time."""
+    root = Path(root)
+    for shard in json.loads((root / MANIFEST).read_text())["shards"]:
+        if shard["rows"]:
+            for batch in pq.ParquetFile(root / shard["file"]).iter_batches(batch_size=batch_rows, columns=columns):
+                yield from batch.to_pylist()
+
+
+class OrderedReader:
+    """Rows of a table picked by key, for keys asked in table order (a
+    subsequence of it): one streaming pass, whatever the table's size."""
+
+    def __init__(self, root: str | Path, columns: list[str]):
+        self.root = Path(root)
+        self._rows = iter_rows(root, ["key", *columns])
+
+    def take(self, keys: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for key in keys:
+            for row in self._rows:
+                if row["key"] == key:
+                    out.append(row)
+                    break
+            else:
+                raise KeyError(f"{key} not found in {self.root} (or asked out of order)")
+        return out
 
 
 def table_metadata(root: str | Path) -> dict[str, str]:

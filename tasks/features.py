@@ -1,21 +1,44 @@
-"""Global embeddings and patch features of images."""
+"""Global embeddings and patch features of images, batch by batch."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from mirage.images import decode_png
-from mirage.models import Encoder
+from mirage.models import ImageEncoder
 
 
-def embed_images(encoder: Encoder, backbone, pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
-    """float16 embeddings N x D (L2-normalised, from the encoder) and, when a
-    patch backbone is given, its patch features flattened to N x (gh*gw*C)."""
-    images = np.stack([decode_png(b) for b in pngs])
+def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None) -> np.ndarray:
+    """uint8 N x H x W x 3; an undecodable image is named, not skipped."""
+    def one(pair):
+        image_id, data = pair
+        try:
+            return decode_png(data)
+        except Exception as err:  # noqa: BLE001 - PIL raises several types
+            raise ValueError(f"image {image_id!r} cannot be decoded: {err}") from None
+
+    pairs = list(zip(ids, pngs))
+    images = list(pool.map(one, pairs)) if pool else [one(p) for p in pairs]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images of one table must share a size, got {sorted(shapes)}")
+    return np.stack(images)
+
+
+def embed_batch(encoder: ImageEncoder, pixels: torch.Tensor, images: np.ndarray, patch_mode: str | None,
+                unet_backbone=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """float16 embeddings N x D (L2-normalised) and, when asked, patch features
+    flattened to N x (gh*gw*C): from the encoder's own forward (`keys` /
+    `tokens`) or from a separate backbone (the toy UNet)."""
     with torch.inference_mode():
-        emb, _ = encoder.encode_images(images, keys=False)
-    emb16 = emb.float().cpu().numpy().astype(np.float16)
-    if backbone is None:
+        emb, patches = encoder.forward(pixels, patch_mode if patch_mode in ("keys", "tokens") else None)
+    emb16 = emb.cpu().numpy().astype(np.float16)
+    if patch_mode == "unet":
+        feats, _ = unet_backbone.patches(images)
+        return emb16, feats.reshape(len(images), -1).astype(np.float16)
+    if patches is None:
         return emb16, None
-    patches, _ = backbone.patches(images)
-    return emb16, patches.reshape(len(images), -1).astype(np.float16)
+    return emb16, patches.cpu().numpy().reshape(len(images), -1).astype(np.float16)
+

@@ -1,31 +1,29 @@
-"""Sample images from a diffusion pipeline, one recorded seed per item."""
+"""What to generate: one item per (prompt template, class, index), one seed each."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from mirage.generators import GenerationItem
+from mirage.store import item_key
 
-import numpy as np
-import torch
-
-
-@dataclass(frozen=True)
-class GenerationItem:
-    key: str
-    prompt: str
-    class_name: str
-    seed: int
+VERSION = 2  # bump when sampling changes: it is part of every image's key
 
 
-def item_seed(base_seed: int, class_name: str, index: int) -> int:
-    """A 63-bit seed determined by (base seed, class, index) alone, so an item's
-    image does not depend on which other items are generated with it."""
-    from mirage.store import item_key
+def item_seed(base_seed: int, prompt: str, index: int) -> int:
+    """A 63-bit seed determined by (base seed, prompt, index) alone, so an item's
+    image does not depend on which other items are generated with it, and
+    adding templates, classes or images leaves existing seeds alone."""
+    return int(item_key("seed", base_seed, prompt, index)[:15], 16)
 
-    return int(item_key("seed", base_seed, class_name, index)[:15], 16)
 
-
-def generate_batch(pipe, items: list[GenerationItem], steps: int, guidance: float) -> np.ndarray:
-    """uint8 N x H x W x 3 for the items, in order."""
-    names = list(pipe.config.class_names)
-    labels = [names.index(it.class_name) for it in items]
-    generators = [torch.Generator().manual_seed(it.seed) for it in items]
-    return pipe(labels, generators, num_inference_steps=steps, guidance_scale=guidance)
+def plan(templates: tuple[str, ...], classes: tuple[str, ...], per_prompt: int, base_seed: int,
+         determinants: tuple) -> list[GenerationItem]:
+    """Every wanted item, in a stable order.  `determinants` (model, steps,
+    guidance, size, dtype) go into each key with the prompt and the seed."""
+    items = []
+    for template in templates:
+        for class_name in classes:
+            prompt = template.format(class_name)
+            for i in range(per_prompt):
+                seed = item_seed(base_seed, prompt, i)
+                key = item_key("generate", VERSION, prompt, class_name, seed, *determinants)
+                items.append(GenerationItem(key, prompt, class_name, seed))
+    return items

@@ -15,7 +15,7 @@ TINY = {
     "toyworld": {"train": {"n": 48}, "test": {"n": 12}},
     "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},
     "train_encoder": {"steps": 2, "batch_size": 8},
-    "generate": {"per_class": 2, "steps": 2, "batch_size": 4},
+    "generate": {"per_prompt": 2, "steps": 2, "batch_size": 4},
     "features": {"batch_size": 4},
     "train_detector": {"steps": 2, "batch_size": 4, "self_train_steps": 2, "class_aware": True},
     "evaluate": {"grid_images": 4},

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from mirage import params
-from mirage.models import load_encoder, load_generator, save_encoder
+from mirage.generators import GenerationItem, load_generator
+from mirage.models import load_encoder, save_encoder
 from mirage.pipelines import ToyPipeline
-from tasks.generate import GenerationItem, generate_batch, item_seed
+from tasks.generate import item_seed
 from tasks.train_detector import (
     DetectorConfig, build_detector, load_detector, merge_predictions, predict, save_detector, train,
 )
@@ -50,14 +51,14 @@ def tiny_pipe(tmp_path_factory):
     pipe = ToyPipeline(build_unet(cfg, 32, 3), DDIMScheduler(num_train_timesteps=1000), ["circle", "square", "triangle"])
     path = tmp_path_factory.mktemp("gen") / "generator"
     pipe.save_pretrained(path, safe_serialization=True)
-    return load_generator(str(path), CPU)
+    return load_generator(str(path), "cpu")
 
 
 def test_generated_item_does_not_depend_on_its_batch(tiny_pipe):
-    items = [GenerationItem(f"k{i}", "a circle", c, item_seed(0, c, i)) for i, c in enumerate(["circle", "square", "triangle"])]
-    together = generate_batch(tiny_pipe, items, steps=3, guidance=2.0)
-    alone = generate_batch(tiny_pipe, items[1:2], steps=3, guidance=2.0)
-    assert together.shape == (3, 32, 32, 3) and together.dtype == np.uint8
+    items = [GenerationItem(f"k{i}", f"a {c}", c, item_seed(0, c, i)) for i, c in enumerate(["circle", "square", "triangle"])]
+    together = tiny_pipe.sample(items, steps=3, guidance=2.0, size=None, pad_to=3)
+    alone = tiny_pipe.sample(items[1:2], steps=3, guidance=2.0, size=None, pad_to=3)
+    assert together.shape == (3, 32, 32, 3) and together.dtype == np.uint8 and alone.shape == (1, 32, 32, 3)
     assert np.array_equal(together[1], alone[0])
     assert not np.array_equal(together[0], together[1])
 

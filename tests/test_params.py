@@ -21,8 +21,8 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_bad_value_is_named():
-    with pytest.raises(params.ParamsError, match=r"generate\.per_class"):
-        params.load(ROOT / "params.yaml", {"generate.per_class": 0})
+    with pytest.raises(params.ParamsError, match=r"generate\.per_prompt"):
+        params.load(ROOT / "params.yaml", {"generate.per_prompt": 0})
     with pytest.raises(params.ParamsError, match=r"unknown parameter 'generate\.nope'"):
         params.load(ROOT / "params.yaml", {"generate.nope": 1})
 

@@ -69,7 +69,7 @@ def test_bad_override_fails_before_any_work(tiny_project, capsys):
     assert code == 2
     assert "discover.tua" in capsys.readouterr().err
     assert not (tiny_project / "data").exists()
-    code = cli_main(["--root", str(tiny_project), "run", "-S", "generate.per_class=-1"])
+    code = cli_main(["--root", str(tiny_project), "run", "-S", "generate.per_prompt=-1"])
     assert code == 2
-    assert "generate.per_class" in capsys.readouterr().err
+    assert "generate.per_prompt" in capsys.readouterr().err
     assert not (tiny_project / "data").exists()
