@@ -57,6 +57,32 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from mirage import params as params_mod
+    from mirage.fingerprint import encoder_spec
+    from mirage.models import load_encoder
+    from mirage.search import contact_sheet, search
+
+    root = Path(args.root)
+    cfg = params_mod.load(root / "params.yaml").features
+    if args.k < 1:
+        print("mirage search: -k must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        encoder = load_encoder(encoder_spec(str(root / cfg.encoder) if (root / cfg.encoder).exists() else cfg.encoder))
+        hits = search(args.query, root / args.features, root / args.images, encoder, args.k)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mirage search: {err}", file=sys.stderr)
+        return 2
+    print(f"{'rank':>4}  {'score':>6}  {'id':<20}  {'prompt':<24}  path")
+    for n, hit in enumerate(hits, 1):
+        print(f"{n:>4}  {hit.score:6.3f}  {hit.id:<20}  {hit.prompt:<24}  {hit.path}")
+    if args.sheet:
+        contact_sheet(hits, args.sheet)
+        print(f"contact sheet: {args.sheet}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mirage", description="synthetic images in, object detectors out")
     parser.add_argument("--root", default=".", help="project root (holds dvc.yaml and params.yaml)")
@@ -75,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     coco.add_argument("--score-thresh", type=float, default=0.05)
     coco.add_argument("--out", help="also write the metrics JSON here")
     coco.set_defaults(func=cmd_eval_coco)
+    find = sub.add_parser("search", help="rank cached images by similarity to a text query")
+    find.add_argument("query", help='e.g. "a red circle"')
+    find.add_argument("-k", type=int, default=10, help="how many images to show")
+    find.add_argument("--sheet", help="also write a contact sheet PNG of the hits here")
+    find.add_argument("--features", default="data/features", help="the features table (relative to --root)")
+    find.add_argument("--images", default="data/generated", help="the images table (relative to --root)")
+    find.set_defaults(func=cmd_search)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -54,7 +54,7 @@ def tiny_project(tmp_path: Path, tiny_params: dict) -> Path:
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(ROOT / "dvc.yaml", root)
-    for pkg in ("flows", "tasks"):
+    for pkg in ("flows", "tasks", "mirage"):
         shutil.copytree(ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
     Repo.init(str(root), no_scm=True).close()

@@ -152,3 +152,30 @@ def test_features_are_deterministic_and_incremental(cfg, tmp_path):
     assert again["computed"] == 4 and again["reused"] == 20
     features_flow(feats, images, "unused", str(tmp_path / "b"))
     assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def test_search_ranks_like_brute_force_and_writes_a_sheet(cfg, tmp_path):
+    from mirage.cli import main as cli_main
+    from mirage.search import contact_sheet, search, top_k
+
+    gen, feats = cfg
+    images, out = str(tmp_path / "images"), str(tmp_path / "features")
+    generate_flow(gen, images)
+    features_flow(feats.model_copy(update={"patches": False}), images, "unused", out)
+    encoder = load_encoder(feats.encoder, CPU)
+    text = encoder.encode_text(["a circle"])[0].detach().numpy()
+    table = read_table(out)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    expected = np.argsort(-(emb @ text), kind="stable")[:5]
+    got = top_k(out, text, 5, batch_rows=3)  # several batches: the running top k must merge right
+    assert [i for i, _ in got] == [table.column("id")[int(j)].as_py() for j in expected]
+    hits = search("a circle", out, images, encoder, k=5)
+    assert [h.id for h in hits] == [i for i, _ in got] and all(h.path.endswith(".parquet") for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    contact_sheet(hits, tmp_path / "sheet.png")
+    from PIL import Image
+    assert Image.open(tmp_path / "sheet.png").size == (5 * 128, 128 + 14)
+    other = load_encoder("random:mirage-toy-clip:7", CPU)
+    with pytest.raises(ValueError, match="were computed with random:mirage-toy-clip:0"):
+        search("a circle", out, images, other)
+    assert cli_main(["--root", str(tmp_path), "search", "a circle", "-k", "0"]) == 2

@@ -1,0 +1,78 @@
+"""Features stage throughput vs the bare model forward, side by side in one run.
+
+Bare: the open_clip model's `encode_image` on the same batches, already
+decoded and preprocessed in memory (the best any caching tool can do).
+Stage: `flows.features` from PNGs in Parquet to a written features table
+(reading, decoding in background threads, preprocessing, forward, Parquet,
+manifest), timed as a whole, model loading included, and its compute loop
+alone.  Target (issue 4): stage / bare >= 0.9.
+
+    .venv/bin/python benchmarks/features_throughput.py --n 384 --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import images_table, prefect_server, project_params, timed
+
+from mirage import random_models
+from mirage.models import load_encoder
+from mirage.store import iter_rows
+from tasks.features import decode_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--n", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256, help="stored image size (px)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
+    try:
+        model_dir = random_models.save_open_clip(args.arch, tmp / "encoder")
+        images = images_table(tmp / "images", args.n, args.size)
+        cfg = project_params().features.model_copy(update={
+            "encoder": str(model_dir), "batch_size": args.batch, "patches": False, "workers": args.workers})
+
+        encoder = load_encoder(f"local-dir:{model_dir}")
+        rows = list(iter_rows(images, ["id", "image"]))
+        batches = []
+        for i in range(0, len(rows), args.batch):
+            chunk = rows[i : i + args.batch]
+            batches.append(encoder.prepare(decode_batch([r["id"] for r in chunk], [r["image"] for r in chunk], None)))
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for x in batches:
+                    encoder.model.encode_image(x.to(encoder.device), normalize=True)
+
+        bare()  # warm-up (allocator, kernels), untimed
+        bare_s, _ = timed(bare)
+        del encoder, batches
+
+        from flows.features import features_flow
+
+        with prefect_server():
+            features_flow(cfg, str(images), "unused", str(tmp / "warm"))  # warm-up: imports, first flow run
+            stage_s, out = timed(features_flow, cfg, str(images), "unused", str(tmp / "features"))
+        assert out["computed"] == args.n, out
+        bare_rate, stage_rate = args.n / bare_s, args.n / stage_s
+        print(f"{args.arch} random weights, CPU ({torch.get_num_threads()} threads), {args.n} images of "
+              f"{args.size} px, batch {args.batch}, {args.workers} decode workers")
+        print(f"bare encode_image on preprocessed batches  {bare_s:7.2f} s  {bare_rate:6.1f} img/s")
+        print(f"features stage (PNG in Parquet -> table)   {stage_s:7.2f} s  {stage_rate:6.1f} img/s"
+              "  (model load and flow start included)")
+        print(f"ratio stage/bare throughput = {stage_rate / bare_rate:.3f}  (target >= 0.9)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
