@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# benchmarks never read or fill the project's pool of kept rows
+os.environ["MIRAGE_POOL"] = tempfile.mkdtemp(prefix="mirage-bench-pool-")
 
 from mirage import params, schema  # noqa: E402
 from mirage.images import encode_png  # noqa: E402
