@@ -6,7 +6,7 @@ problem with ARPACK (eigsh).  Same affinity, same bipartition rule; this prints
 the time ratio of the solvers (the affinity matrix is built once, for both)
 and the IoU of the two bipartitions.
 
-    .venv/bin/python benchmarks/ncut_speed.py --nodes 3600 --repeats 3
+    .venv/bin/python benchmarks/ncut_speed.py --nodes 3600 --repeats 5
 """
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=3600)
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--tau", type=float, default=0.15)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     rng = np.random.default_rng(0)
     dense_t, fast_t, ious = [], [], []
+    warm = affinity(scene_features(args.nodes, args.dim, rng), args.tau, 1e-5)
+    dense_generalized(warm), fiedler(warm)  # first calls (library set-up), untimed: a stage runs thousands
     for _ in range(args.repeats):
         graph = affinity(scene_features(args.nodes, args.dim, rng), args.tau, 1e-5)  # shared by both
         t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def main() -> None:
     d, f = np.median(dense_t), np.median(fast_t)
     print(f"nodes {args.nodes}, dim {args.dim}, tau {args.tau}, {args.repeats} graphs")
     print(f"dense generalized scipy.linalg.eigh  median {d:.3f} s")
-    print(f"mirage fiedler (deflated eigsh)      median {f:.3f} s")
+    print(f"mirage fiedler (deflated eigsh)      median {f:.4f} s")
     print(f"speed-up {d / f:.1f}x (target >= 50x), bipartition IoU min {min(ious):.4f} (target >= 0.99)")
 
 

@@ -99,7 +99,8 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
     log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) with %s",
              stats.wanted, stats.computed, rate, stats.reused, stats.restored, stats.dropped, model_id)
-    return {"items": stats.wanted, "computed": stats.computed, "reused": stats.reused, "restored": stats.restored}
+    return {"items": stats.wanted, "computed": stats.computed, "reused": stats.reused, "restored": stats.restored,
+            "rate": round(rate, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

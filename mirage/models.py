@@ -30,6 +30,18 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 H x W x 3: shortest side to `size` (PIL bicubic), then the centre size x size."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
 class ImageEncoder:
     """Pixels in, features out; the part every backend shares.
 
@@ -56,11 +68,17 @@ class ImageEncoder:
         raise NotImplementedError
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 B x H x W x 3 -> normalised float B x 3 x S x S on CPU (bicubic resize if needed)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
-        return (x - self.mean) / self.std
+        """uint8 B x H x W x 3 -> normalised float B x 3 x S x S on CPU.
+
+        Images of another size are resized as open_clip's and timm's eval
+        transforms do (shortest side to S with PIL bicubic, centre crop):
+        uint8 SIMD resizing, cheap enough to hide behind the model."""
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            images = np.stack([resize_center_crop(im, self.image_size) for im in images])
+        mean = self.mean.numpy().reshape(1, 1, 1, 3)
+        std = self.std.numpy().reshape(1, 1, 1, 3)
+        x = (images.astype(np.float32) / np.float32(255) - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         return self.prepare(images).to(self.device)
