@@ -1,3 +1,9 @@
 """mirage: synthetic images in, object detectors out."""
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# mirage's Prefect servers are local and private: no telemetry (it also fails
+# noisily on machines without a network)
+_os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

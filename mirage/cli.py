@@ -37,24 +37,51 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
 
     from mirage.store import atomic_write_json
     from tasks.coco_dataset import evaluate_detector, load_coco
-    from tasks.train_detector import load_detector
 
-    detector = Path(args.detector)
-    rounds = sorted(detector.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
-    path = rounds[-1] if rounds and not (detector / "model.safetensors").exists() else detector
     try:
         items = load_coco(args.annotations, args.images)
-        model = load_detector(path)
+        result: dict = {"dataset": str(args.annotations), "images": len(items)}
+        if args.discovery:
+            result["discovery"] = _coco_discovery(Path(args.root), items)
+        if args.detector != "none":
+            model, path = _detector(Path(args.detector))
+            result["detector"] = str(path)
+            result |= {k.lower(): v for k, v in evaluate_detector(model, items, args.score_thresh).items()}
     except (ValueError, FileNotFoundError) as err:
         print(f"mirage eval-coco: {err}", file=sys.stderr)
         return 2
-    stats = evaluate_detector(model, items, args.score_thresh)
-    result = {"dataset": str(args.annotations), "images": len(items), "detector": str(path),
-              **{k.lower(): v for k, v in stats.items()}}
     print(json.dumps(result, indent=1))
     if args.out:
         atomic_write_json(Path(args.out), result)
     return 0
+
+
+def _detector(detector: Path):
+    from tasks.train_detector import load_detector
+
+    rounds = sorted(detector.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    path = rounds[-1] if rounds and not (detector / "model.safetensors").exists() else detector
+    return load_detector(path), path
+
+
+def _coco_discovery(root: Path, items) -> dict:
+    """Discovery CorLoc/AP on the dataset with the project's patch backbone and discover params."""
+    from mirage import params as params_mod
+    from mirage.fingerprint import encoder_spec
+    from mirage.models import load_encoder, load_patch_backbone
+    from tasks.coco_dataset import evaluate_discovery
+
+    p = params_mod.load(root / "params.yaml")
+
+    def local(path: str) -> str:
+        return str(root / path) if (root / path).exists() else path
+
+    encoder = load_encoder(encoder_spec(local(p.features.encoder)))
+    generator = local(p.generate.model)
+    backbone = load_patch_backbone(p.features.patch_backbone, encoder, generator)
+    size = backbone.unet.config.sample_size if p.features.patch_backbone.startswith("unet") else encoder.image_size
+    stats = evaluate_discovery(backbone, int(size), items, p.discover, p.evaluate.iou)
+    return {"backbone": p.features.patch_backbone, "method": p.discover.method, "input_size": int(size), **stats}
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -94,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show the stale stages and why")
     status.set_defaults(func=cmd_status)
-    coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector on any COCO-format dataset")
+    coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector (and --discovery CorLoc) on any COCO-format dataset")
     coco.add_argument("--annotations", required=True, help="COCO detection JSON (instances_*.json)")
     coco.add_argument("--images", required=True, help="folder the file_name entries are relative to")
-    coco.add_argument("--detector", default="models/detector", help="a saved detector, or a train_detector output (last round)")
+    coco.add_argument("--detector", default="models/detector",
+                      help="a saved detector, or a train_detector output (last round); 'none' to skip")
+    coco.add_argument("--discovery", action="store_true",
+                      help="also discover objects (features.patch_backbone, discover.*) and report CorLoc and AP")
     coco.add_argument("--score-thresh", type=float, default=0.05)
     coco.add_argument("--out", help="also write the metrics JSON here")
     coco.set_defaults(func=cmd_eval_coco)

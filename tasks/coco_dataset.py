@@ -69,3 +69,32 @@ def evaluate_detector(model, items: list[CocoImage], score_thresh: float = 0.05)
             detections.append({k: v[keep] for k, v in det.items()})
     stats, _ = coco_detection([it.boxes for it in items], detections, [(it.height, it.width) for it in items])
     return stats
+
+
+def discover_dataset(backbone, size: int, items: list[CocoImage], cfg) -> list[dict[str, np.ndarray]]:
+    """Objects discovered in each image, boxes (x, y, w, h) in the image's own
+    pixels, best cut first.  The whole image is resized to size x size (no crop,
+    so every pixel maps back), cut on the backbone's patch grid (`cfg` is a
+    Discover section), and the masks are mapped back to the original size."""
+    from tasks.discover import cut_to_object, discover_objects
+
+    out = []
+    for chunk, arrays in read_images(items):
+        resized = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in arrays])
+        patches, grid = backbone.patches(resized)
+        for it, feats in zip(chunk, patches):
+            cuts = discover_objects(feats, grid, cfg)
+            boxes = [cut_to_object(c, it.height, it.width)[1] for c in cuts]
+            out.append({"boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4),
+                        "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+    return out
+
+
+def evaluate_discovery(backbone, size: int, items: list[CocoImage], cfg, iou: float = 0.5) -> dict[str, float]:
+    """CorLoc of the top discovered box, and class-agnostic COCO AP of all of them."""
+    from tasks.evaluate import coco_detection, corloc
+
+    found = discover_dataset(backbone, size, items, cfg)
+    top = [f["boxes"][0].tolist() if len(f["boxes"]) else [0.0, 0.0, 0.0, 0.0] for f in found]
+    stats, _ = coco_detection([it.boxes for it in items], found, [(it.height, it.width) for it in items])
+    return {"corloc": corloc(top, [it.boxes for it in items], iou), **{k.lower(): v for k, v in stats.items()}}

@@ -59,3 +59,25 @@ def test_eval_coco_names_what_is_missing(coco_dir, tmp_path, capsys):
     bad.write_text('{"images": []}')
     assert cli_main(["eval-coco", "--annotations", str(bad), "--images", str(tmp_path)]) == 2
     assert "no 'annotations' list" in capsys.readouterr().err
+
+
+def test_eval_coco_discovery_corloc_matches_the_evaluate_stage(coco_dir, tmp_path):
+    from flows.evaluate import discovery_boxes, top_box
+    from mirage.models import load_encoder, load_patch_backbone
+    from tasks.evaluate import corloc
+
+    p = params.load("params.yaml")
+    items = load_coco(coco_dir / "instances.json", coco_dir / "images")
+    images = np.stack([np.asarray(Image.open(it.path).convert("RGB")) for it in items])
+    backbone = load_patch_backbone(p.features.patch_backbone, load_encoder("local-dir:models/encoder"),
+                                   p.generate.model)
+    found = discovery_boxes(backbone, images, p.discover)
+    expected = corloc([top_box(f) for f in found], [it.boxes for it in items], p.evaluate.iou)
+
+    out = tmp_path / "coco.json"
+    assert cli_main(["eval-coco", "--annotations", str(coco_dir / "instances.json"), "--images",
+                     str(coco_dir / "images"), "--detector", "none", "--discovery", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert "detector" not in got and got["discovery"]["backbone"] == p.features.patch_backbone
+    assert got["discovery"]["corloc"] == pytest.approx(expected)
+    assert expected >= 0.5  # the committed toy UNet finds most objects in these scenes
