@@ -56,7 +56,7 @@ def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
     log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %d reused, %d dropped)",
              stats.wanted, stats.computed, rate, gen.device, dtype, stats.reused, stats.dropped)
-    return {"images": stats.wanted, "computed": stats.computed, "reused": stats.reused}
+    return {"images": stats.wanted, "computed": stats.computed, "reused": stats.reused, "rate": round(rate, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:

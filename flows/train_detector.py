@@ -6,11 +6,12 @@ import sys
 import numpy as np
 from prefect import flow, get_run_logger
 
-from mirage.images import decode_png
+from mirage.images import decode_mask, decode_png
 from mirage.params import TrainDetector
 from mirage.stage import parse, progress
 from mirage.store import atomic_dir, read_table
 from tasks.train_detector import merge_predictions, predict, save_detector, train
+
 
 def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None) -> tuple[np.ndarray, list[dict]]:
     """Generated images with their discovered boxes (images without a box are
@@ -26,9 +27,16 @@ def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None
                 return 1
             name = r["prompt_class"] if r["prompt_class"] in classes and len(found) == 1 else o["label"]
             return classes.index(name) + 1
-        labelled[r["image_id"]] = {"boxes": [o["box"] for o in found], "labels": [label(o) for o in found]}
+        labelled[r["image_id"]] = {"boxes": [o["box"] for o in found], "labels": [label(o) for o in found],
+                                   "masks": [o["mask"] for o in found]}
     rows = [r for r in read_table(images_dir, columns=["id", "image"]).to_pylist() if r["id"] in labelled]
     return np.stack([decode_png(r["image"]) for r in rows]), [labelled[r["id"]] for r in rows]
+
+
+def paste_pool(labelled: list[dict], size: tuple[int, int]) -> list[tuple[int, np.ndarray, int]]:
+    """Every discovered object as (image index, bool mask, label), for copy-paste."""
+    return [(i, decode_mask(rle, *size), label) for i, item in enumerate(labelled)
+            for rle, label in zip(item["masks"], item["labels"])]
 
 
 @flow(name="train_detector")
@@ -37,6 +45,7 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
     cfg.self_train_scores.  Saves every round under OUT/round-K."""
     log = get_run_logger()
     data, labelled = pseudo_labelled(images, objects, classes if cfg.class_aware else None)
+    pool = paste_pool(labelled, data.shape[1:3]) if cfg.copy_paste else None
     num_classes = len(classes) if cfg.class_aware else 1
     rounds = [(cfg.steps, None), *[(cfg.self_train_steps, s) for s in cfg.self_train_scores]]
     model, finals = None, []
@@ -51,7 +60,8 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
                     losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-                model, dcfg = train(cfg, data, labelled, on_step, steps=steps, start=model, num_classes=num_classes)
+                model, dcfg = train(cfg, data, labelled, on_step, steps=steps, start=model, num_classes=num_classes,
+                                    paste_pool=pool)
             save_detector(model, dcfg, tmp / f"round-{r}")
             finals.append(float(np.mean(losses[-20:])))
             log.info("round %d: loss %.3f -> %.3f", r, losses[0], finals[-1])

@@ -107,10 +107,14 @@ def train(
     steps: int | None = None,
     start: FasterRCNN | None = None,
     num_classes: int = 1,
+    paste_pool: list[tuple[int, np.ndarray, int]] | None = None,
 ) -> tuple[FasterRCNN, DetectorConfig]:
     """images: uint8 N x H x W x 3; labelled: per image {"boxes": list of
     (x, y, w, h) px, "labels": class ids 1..num_classes}.  num_classes 1 is
-    class-agnostic.  `start` continues from a trained model (self-training)."""
+    class-agnostic.  `start` continues from a trained model (self-training).
+    With cfg.copy_paste > 0, each image of a batch receives, with that
+    probability, one object of `paste_pool` ((image index, bool mask, label):
+    the discovered masks) at a random place."""
     steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -130,7 +134,11 @@ def train(
     for step in range(steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         targets = to_targets([labelled[i] for i in idx])
-        batch = data[idx]
+        batch = data[idx]  # a copy: pasting below leaves `data` alone
+        if cfg.copy_paste and paste_pool:
+            for j in np.flatnonzero(rng.random(len(idx)) < cfg.copy_paste):
+                src, mask, label = paste_pool[rng.integers(len(paste_pool))]
+                targets[j] = paste_object(batch[j], targets[j], data[src], mask, label, rng)
         for j in np.flatnonzero(rng.random(len(idx)) < 0.5):  # horizontal flip, boxes with it
             batch[j] = batch[j].flip(-1)
             b = targets[j]["boxes"]
@@ -144,6 +152,31 @@ def train(
         if on_step:
             on_step(step, loss.item())
     return model.eval(), dcfg
+
+
+def paste_object(image: torch.Tensor, target: dict[str, torch.Tensor], source: torch.Tensor, mask: np.ndarray,
+                 label: int, rng: np.random.Generator, occluded: float = 0.7) -> dict[str, torch.Tensor]:
+    """Copy-paste augmentation: the masked object of `source` (3 x H x W) goes
+    to a random place in `image` (changed in place); its box joins the target
+    and a box the paste covers by more than `occluded` of its area leaves it."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    h, w = y1 - y0, x1 - x0
+    height, width = image.shape[1:]
+    oy, ox = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    m = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1]))
+    region = image[:, oy : oy + h, ox : ox + w]
+    region[:, m] = source[:, y0:y1, x0:x1][:, m]
+    pasted = torch.zeros(height, width)
+    pasted[oy : oy + h, ox : ox + w] = m.float()
+    keep = []
+    for bx0, by0, bx1, by1 in target["boxes"].round().int().tolist():
+        area = max((bx1 - bx0) * (by1 - by0), 1)
+        keep.append(float(pasted[by0:by1, bx0:bx1].sum()) / area <= occluded)
+    keep_t = torch.tensor(keep, dtype=torch.bool)
+    box = torch.tensor([[ox, oy, ox + w, oy + h]], dtype=torch.float32)
+    return {"boxes": torch.cat([target["boxes"][keep_t], box]),
+            "labels": torch.cat([target["labels"][keep_t], torch.tensor([label], dtype=torch.int64)])}
 
 
 @torch.inference_mode()

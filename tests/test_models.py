@@ -118,3 +118,37 @@ def test_class_aware_detector_has_a_head_per_class():
     assert dcfg.num_classes == 3 and model.roi_heads.box_predictor.cls_score.out_features == 3
     dets = predict(model, images)
     assert all(set(d["labels"].tolist()) <= {1, 2} for d in dets)
+
+
+def test_copy_paste_moves_the_masked_pixels_and_updates_boxes():
+    from tasks.train_detector import paste_object
+
+    image = torch.zeros(3, 32, 32)
+    source = torch.zeros(3, 32, 32)
+    source[:, 4:12, 4:12] = 1.0  # an 8x8 object
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[4:12, 4:12] = True
+    # the first box sits exactly where the paste lands (the same draws as paste_object's)
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        oy, ox = int(rng.integers(0, 25)), int(rng.integers(0, 25))
+        target = {"boxes": torch.tensor([[ox, oy, ox + 8, oy + 8], [0, 0, 2, 2]], dtype=torch.float32),
+                  "labels": torch.tensor([1, 2])}
+        img = image.clone()
+        out = paste_object(img, target, source, mask, 3, np.random.default_rng(seed))
+        if ox >= 2 or oy >= 2:
+            break
+    assert img.sum() == 3 * 64 and torch.all(img[:, oy : oy + 8, ox : ox + 8] == 1)
+    assert out["boxes"].tolist() == [[0, 0, 2, 2], [ox, oy, ox + 8, oy + 8]]  # the covered box left
+    assert out["labels"].tolist() == [2, 3]
+
+
+def test_detector_trains_with_copy_paste():
+    cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 3, "batch_size": 2, "copy_paste": 1.0})
+    images = np.full((2, 32, 32, 3), 40, dtype=np.uint8)
+    images[0, 4:12, 4:12] = 220
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[4:12, 4:12] = True
+    labelled = [{"boxes": [[4, 4, 8, 8]], "labels": [1]}, {"boxes": [[20, 20, 2, 2]], "labels": [1]}]
+    model, _ = train(cfg, images, labelled, steps=3, paste_pool=[(0, mask, 1)])
+    assert not model.training
