@@ -27,6 +27,7 @@ from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
 from tasks.features import decode_batch, embed_batch
 
 VERSION = 2
+GROUP_BYTES = 16 << 20  # row groups of patch features stay ~16 MB: finalising holds one
 
 
 def patch_mode(cfg: Features) -> str | None:
@@ -42,6 +43,8 @@ def patch_mode(cfg: Features) -> str | None:
 def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema: pa.Schema, batch) -> pa.Table:
     specs, images, pixels = batch
     emb, patches = embed_batch(encoder, pixels, images, mode, unet)
+    n = len(specs)
+    emb, patches = emb[:n], None if patches is None else patches[:n]  # drop the padding
     cols = {
         "key": [s["key"] for s in specs],
         "id": [s["id"] for s in specs],
@@ -73,10 +76,12 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
         patch_len = feats.shape[1]
         meta |= {"grid": f"{gh},{gw},{patch_len // (gh * gw)}", "patches": cfg.patch_backbone,
                  "patches_model": patch_id or model_id}
+    row_bytes = 2 * (encoder.embed_dim + (patch_len or 0)) + 64
     store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows,
-                       pool=pool_dir("features"))
+                       pool=pool_dir("features"), group_rows=max(1, min(4096, GROUP_BYTES // row_bytes)))
     # what determines an item: its image, the encoder's bytes, and how patches are made
-    wanted = [(item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id),
+    wanted = [(item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
+                        cfg.batch_size),
                {"src": src, "id": image_id}) for src, image_id in source]
     for key, s in wanted:
         s["key"] = key
@@ -86,6 +91,9 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     def prepare(specs: list[dict]):
         rows = reader.take([s["src"] for s in specs])
         decoded = decode_batch([s["id"] for s in specs], [r["image"] for r in rows], workers)
+        pad = cfg.batch_size - len(decoded)  # one batch shape: an item's bytes never depend on its batch
+        if pad > 0:
+            decoded = np.concatenate([decoded, np.repeat(decoded[-1:], pad, axis=0)])
         return specs, decoded, encoder.prepare(decoded)
 
     start = time.perf_counter()

