@@ -18,7 +18,7 @@ from mirage.params import Discover, Params
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
 from tasks.discover import cut_to_object, discover_objects
-from tasks.evaluate import coco_detection, corloc, prompt_alignment
+from tasks.evaluate import coco_detection, coco_segmentation, corloc, prompt_alignment
 from tasks.train_detector import load_detector, predict
 
 
@@ -64,6 +64,7 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
     log = get_run_logger()
     cfg, dcfg = params.evaluate, params.discover
     scenes = read_table(test, columns=["image", "objects"]).to_pylist()
+    gt_masks = [[o["mask"] for o in r["objects"]] for r in scenes]
     test_images = np.stack([decode_png(r["image"]) for r in scenes])
     gt = [[o["box"] for o in r["objects"]] for r in scenes]
     classes = list(dcfg.classes)
@@ -92,6 +93,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, encoder
         if n_classes > 1:  # a class-aware head: also score its labels against the scenes' classes
             aware, _ = coco_detection(gt, dets, test_images.shape[1:3], gt_labels, n_classes)
             rounds[-1]["class_aware"] = {k.lower(): v for k, v in aware.items()}
+        if "masks" in (dets[0] if dets else {}):  # Mask R-CNN: class-agnostic mask AP too
+            masked, _ = coco_segmentation(gt_masks, dets, test_images.shape[1:3])
+            rounds[-1]["mask"] = {k.lower(): v for k, v in masked.items()}
         curves.append(pr)
     if not rounds:
         raise FileNotFoundError(f"{detector} holds no round-K detector (run stage train_detector)")

@@ -129,6 +129,7 @@ class TrainDetector(Section):
     drop_loss_iou: float | None = Field(default=0.01, ge=0, lt=1)
     class_aware: bool = False
     copy_paste: float = Field(default=0.0, ge=0, le=1)  # per image and step: paste one discovered object
+    masks: bool = False  # Mask R-CNN: also learn the discovered masks (evaluate adds mask AP)
     self_train_scores: tuple[float, ...] = ()
     self_train_steps: int = Field(default=100, gt=0)
 

@@ -5,6 +5,7 @@ import contextlib
 import io
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -39,30 +40,66 @@ def coco_detection(
     if agnostic:
         gt_labels = [[1] * len(boxes) for boxes in gt_boxes]
         num_classes = 1
-    gt = COCO()
-    gt.dataset = {
-        "images": [{"id": i, "width": w, "height": h} for i, (h, w) in enumerate(sizes)],
-        "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)],
-        "annotations": [
-            {"id": n, "image_id": i, "category_id": int(c), "bbox": list(map(float, b)), "area": float(b[2] * b[3]), "iscrowd": 0}
-            for n, (i, b, c) in enumerate(
-                ((i, b, c) for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)) for b, c in zip(boxes, labels)),
-                start=1,
-            )
-        ],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
+    annotations = [
+        {"image_id": i, "category_id": int(c), "bbox": list(map(float, b)), "area": float(b[2] * b[3]), "iscrowd": 0}
+        for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)) for b, c in zip(boxes, labels)
+    ]
     results = [
         {"image_id": i, "category_id": 1 if agnostic else int(c), "bbox": list(map(float, b)), "score": float(s)}
         for i, det in enumerate(detections)
         for b, s, c in zip(det["boxes"], det["scores"], det.get("labels", np.ones(len(det["boxes"]))))
     ]
+    return _coco_eval(sizes, num_classes, annotations, results, "bbox")
+
+
+def coco_segmentation(
+    gt_masks: list[list[str]],
+    detections: list[dict[str, np.ndarray]],
+    sizes: tuple[int, int],
+) -> tuple[dict[str, float], np.ndarray]:
+    """Class-agnostic COCO mask evaluation: ground-truth masks as COCO RLE
+    strings, detections with bool N x H x W "masks" and "scores"."""
+    from mirage.images import encode_mask
+
+    h, w = sizes
+
+    def rle(counts: str) -> dict:
+        return {"size": [h, w], "counts": counts}
+
+    annotations = []
+    for i, masks in enumerate(gt_masks):
+        for m in masks:
+            annotations.append({"image_id": i, "category_id": 1, "segmentation": rle(m), "iscrowd": 0,
+                                "area": float(mask_utils.area(_bytes_rle(rle(m)))),
+                                "bbox": list(map(float, mask_utils.toBbox(_bytes_rle(rle(m)))))})
+    results = [
+        {"image_id": i, "category_id": 1, "segmentation": rle(encode_mask(m)), "score": float(s)}
+        for i, det in enumerate(detections) for m, s in zip(det["masks"], det["scores"])
+    ]
+    return _coco_eval([sizes] * len(gt_masks), 1, annotations, results, "segm")
+
+
+def _bytes_rle(r: dict) -> dict:
+    return {"size": r["size"], "counts": r["counts"].encode("ascii")}
+
+
+def _coco_eval(sizes: list[tuple[int, int]], num_classes: int, annotations: list[dict], results: list[dict],
+               iou_type: str) -> tuple[dict[str, float], np.ndarray]:
+    """pycocotools on in-memory ground truth and results: {AP, AP50, AP75,
+    AR100} and the precision at IoU 0.5 over 101 recall points (class mean)."""
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": i, "width": w, "height": h} for i, (h, w) in enumerate(sizes)],
+        "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)],
+        "annotations": [{"id": n, **a} for n, a in enumerate(annotations, start=1)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR100": 0.0}, np.zeros(101)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

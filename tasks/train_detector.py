@@ -1,4 +1,4 @@
-"""A small torchvision Faster R-CNN trained on pseudo-boxes.
+"""A small torchvision Faster R-CNN (or Mask R-CNN) trained on pseudo-labels.
 
 The toy profile's backbone is four convolutions (stride 4): a train step at
 64 px costs ~0.5 s on 2 CPU cores where MobileNetV3-FPN costs 3.7 s.
@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -36,6 +37,7 @@ class DetectorConfig:
     width: int = 64
     head_width: int = 256
     drop_loss_iou: float | None = 0.01  # DropLoss threshold; None trains plain Faster R-CNN
+    masks: bool = False         # Mask R-CNN: a mask head learns the discovered masks
 
 
 class DropLossRoIHeads(RoIHeads):
@@ -66,7 +68,12 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     # Sizes below torchvision's defaults (2000 proposals, 512 RoIs, a 1024-wide
     # head) because a toy image holds at most a few objects: the default head alone
     # costs ~3.5 s per batch of 16 on 2 CPU cores, these settings ~0.5 s.
-    model = FasterRCNN(
+    extra = {}
+    if cfg.masks:
+        extra = {"mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2),
+                 "mask_head": MaskRCNNHeads(2 * w, [w, w], 1),
+                 "mask_predictor": MaskRCNNPredictor(w, w, cfg.num_classes)}
+    model = (MaskRCNN if cfg.masks else FasterRCNN)(
         backbone,
         rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
@@ -81,6 +88,7 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
         rpn_batch_size_per_image=64,
         box_batch_size_per_image=64,
         box_detections_per_img=20,
+        **extra,
     )
     if cfg.drop_loss_iou is not None:
         model.roi_heads.__class__ = DropLossRoIHeads  # same state, one method overridden
@@ -88,15 +96,26 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     return model
 
 
-def to_targets(labelled: list[dict]) -> list[dict[str, torch.Tensor]]:
-    """Per image {"boxes": (x, y, w, h) px, "labels": class ids from 1} ->
-    torchvision targets with (x1, y1, x2, y2) boxes."""
+def to_targets(labelled: list[dict], size: tuple[int, int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per image {"boxes": (x, y, w, h) px, "labels": class ids from 1, and
+    with `size` (H, W) "masks": COCO RLE strings or bool arrays} -> torchvision
+    targets with (x1, y1, x2, y2) boxes (and uint8 N x H x W masks)."""
     out = []
     for item in labelled:
         b = torch.tensor(item["boxes"], dtype=torch.float32).reshape(-1, 4)
         b[:, 2:] += b[:, :2]
-        out.append({"boxes": b, "labels": torch.tensor(item["labels"], dtype=torch.int64).reshape(-1)})
+        target = {"boxes": b, "labels": torch.tensor(item["labels"], dtype=torch.int64).reshape(-1)}
+        if size is not None:
+            target["masks"] = torch.from_numpy(np.stack([_mask(m, size) for m in item["masks"]]).astype(np.uint8)
+                                               if item["masks"] else np.zeros((0, *size), dtype=np.uint8))
+        out.append(target)
     return out
+
+
+def _mask(m, size: tuple[int, int]) -> np.ndarray:
+    from mirage.images import decode_mask
+
+    return decode_mask(m, *size) if isinstance(m, str) else np.asarray(m, dtype=bool)
 
 
 def train(
@@ -118,7 +137,8 @@ def train(
     steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    dcfg = DetectorConfig(num_classes=num_classes + 1, min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou)
+    dcfg = DetectorConfig(num_classes=num_classes + 1, min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou,
+                          masks=cfg.masks)
     model = build_detector(dcfg)
     if start is not None:
         model.load_state_dict(start.state_dict())
@@ -133,7 +153,7 @@ def train(
     width = images.shape[2]
     for step in range(steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
-        targets = to_targets([labelled[i] for i in idx])
+        targets = to_targets([labelled[i] for i in idx], images.shape[1:3] if cfg.masks else None)
         batch = data[idx]  # a copy: pasting below leaves `data` alone
         if cfg.copy_paste and paste_pool:
             for j in np.flatnonzero(rng.random(len(idx)) < cfg.copy_paste):
@@ -143,6 +163,8 @@ def train(
             batch[j] = batch[j].flip(-1)
             b = targets[j]["boxes"]
             targets[j]["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+            if "masks" in targets[j]:
+                targets[j]["masks"] = targets[j]["masks"].flip(-1)
         losses = model(list(batch), targets)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -175,8 +197,12 @@ def paste_object(image: torch.Tensor, target: dict[str, torch.Tensor], source: t
         keep.append(float(pasted[by0:by1, bx0:bx1].sum()) / area <= occluded)
     keep_t = torch.tensor(keep, dtype=torch.bool)
     box = torch.tensor([[ox, oy, ox + w, oy + h]], dtype=torch.float32)
-    return {"boxes": torch.cat([target["boxes"][keep_t], box]),
-            "labels": torch.cat([target["labels"][keep_t], torch.tensor([label], dtype=torch.int64)])}
+    out = {"boxes": torch.cat([target["boxes"][keep_t], box]),
+           "labels": torch.cat([target["labels"][keep_t], torch.tensor([label], dtype=torch.int64)])}
+    if "masks" in target:  # what the paste covers leaves the masks under it
+        under = target["masks"][keep_t] * (pasted == 0).to(torch.uint8)
+        out["masks"] = torch.cat([under, pasted.to(torch.uint8)[None]])
+    return out
 
 
 @torch.inference_mode()
@@ -190,7 +216,10 @@ def predict(model: FasterRCNN, images, batch_size: int = 64) -> list[dict[str, n
         for det in model(data[start : start + batch_size]):
             b = det["boxes"].numpy().copy()
             b[:, 2:] -= b[:, :2]
-            out.append({"boxes": b, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()})
+            item = {"boxes": b, "scores": det["scores"].numpy(), "labels": det["labels"].numpy()}
+            if "masks" in det:  # Mask R-CNN: N x 1 x H x W probabilities -> bool N x H x W
+                item["masks"] = det["masks"][:, 0].numpy() >= 0.5
+            out.append(item)
     return out
 
 
@@ -220,12 +249,16 @@ def merge_predictions(labelled: list[dict], detections: list[dict[str, np.ndarra
     merged = []
     for known, det in zip(labelled, detections):
         boxes, labels = [list(b) for b in known["boxes"]], list(known["labels"])
-        keep = det["scores"] >= score
-        for b, lab in zip(det["boxes"][keep], det["labels"][keep]):
+        masks = list(known["masks"]) if "masks" in known and "masks" in det else None
+        keep = np.flatnonzero(det["scores"] >= score)
+        for k in keep:
+            b, lab = det["boxes"][k], det["labels"][k]
             if not boxes or box_iou(_xyxy([b]), _xyxy(boxes)).max() < max_iou:
                 boxes.append([float(v) for v in b])
                 labels.append(int(lab))
-        merged.append({"boxes": boxes, "labels": labels})
+                if masks is not None:
+                    masks.append(det["masks"][k])
+        merged.append({"boxes": boxes, "labels": labels} | ({"masks": masks} if masks is not None else {}))
     return merged
 
 

@@ -152,3 +152,45 @@ def test_detector_trains_with_copy_paste():
     labelled = [{"boxes": [[4, 4, 8, 8]], "labels": [1]}, {"boxes": [[20, 20, 2, 2]], "labels": [1]}]
     model, _ = train(cfg, images, labelled, steps=3, paste_pool=[(0, mask, 1)])
     assert not model.training
+
+
+def test_mask_rcnn_learns_masks_roundtrips_and_self_trains(tmp_path):
+    from mirage.images import encode_mask
+
+    cfg = params.load("params.yaml").train_detector.model_copy(
+        update={"steps": 40, "batch_size": 4, "lr": 0.01, "masks": True, "copy_paste": 0.5})
+    images = np.full((4, 32, 32, 3), 40, dtype=np.uint8)
+    labelled, pool = [], []
+    for i in range(4):
+        y, x = 4 + 4 * i, 6 + 3 * i
+        images[i, y : y + 10, x : x + 10] = 220
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[y : y + 10, x : x + 10] = True
+        labelled.append({"boxes": [[x, y, 10, 10]], "labels": [1], "masks": [encode_mask(mask)]})
+        pool.append((i, mask, 1))
+    losses = []
+    model, dcfg = train(cfg, images, labelled, lambda s, loss: losses.append(loss), paste_pool=pool)
+    assert dcfg.masks and np.mean(losses[-5:]) < np.mean(losses[:5])
+    save_detector(model, dcfg, tmp_path / "det")
+    back = load_detector(tmp_path / "det")
+    det = predict(back, images)
+    assert det[0]["masks"].dtype == bool and det[0]["masks"].shape[1:] == (32, 32)
+    assert len(det[0]["masks"]) == len(det[0]["boxes"])
+    merged = merge_predictions(labelled, det, score=0.0)
+    assert all(len(m["masks"]) == len(m["boxes"]) for m in merged)
+    more, _ = train(cfg, images, merged, steps=2, start=model)  # a self-training round on mixed masks
+    assert not more.training
+
+
+def test_mask_ap_against_hand_computed_cases():
+    from mirage.images import encode_mask
+    from tasks.evaluate import coco_segmentation
+
+    gt = np.zeros((32, 32), dtype=bool)
+    gt[4:14, 4:14] = True
+    half = np.zeros((32, 32), dtype=bool)
+    half[4:14, 4:9] = True  # IoU 0.5 with gt: a hit at 0.5, a miss above
+    perfect, _ = coco_segmentation([[encode_mask(gt)]], [{"masks": np.array([gt]), "scores": np.array([0.9])}], (32, 32))
+    assert perfect["AP50"] == pytest.approx(1.0) and perfect["AP"] == pytest.approx(1.0)
+    halfway, _ = coco_segmentation([[encode_mask(gt)]], [{"masks": np.array([half]), "scores": np.array([0.9])}], (32, 32))
+    assert halfway["AP50"] == pytest.approx(1.0) and halfway["AP75"] == pytest.approx(0.0)
