@@ -42,6 +42,7 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
+@dataclass
 class ImageEncoder:
     """Pixels in, features out; the part every backend shares.
 
@@ -58,6 +59,7 @@ class ImageEncoder:
     std: torch.Tensor
     device: torch.device
     autocast_dtype: torch.dtype | None = None  # GPU only
+    num_prefix_tokens = 1  # tokens before the patches (class token, registers)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -90,8 +92,6 @@ class ImageEncoder:
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    num_prefix_tokens = 1
 
     def forward(self, x: torch.Tensor, patches: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised float32 embeddings B x D and, if asked, patch features
@@ -130,14 +130,7 @@ class ImageEncoder:
 class Encoder(ImageEncoder):
     """An open_clip model (image and text towers)."""
 
-    name: str
-    model: torch.nn.Module
-    tokenizer: object
-    image_size: int
-    mean: torch.Tensor
-    std: torch.Tensor
-    device: torch.device
-    autocast_dtype: torch.dtype | None = None
+    tokenizer: object = None
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -170,14 +163,6 @@ class Encoder(ImageEncoder):
 @dataclass
 class TimmEncoder(ImageEncoder):
     """A timm ViT (DINO, DeiT, ...): image tower only, pooled pre-logits as the embedding."""
-
-    name: str
-    model: torch.nn.Module
-    image_size: int
-    mean: torch.Tensor
-    std: torch.Tensor
-    device: torch.device
-    autocast_dtype: torch.dtype | None = None
 
     @property
     def num_prefix_tokens(self) -> int:
