@@ -5,8 +5,7 @@ import sys
 import time
 
 import pyarrow as pa
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from mirage import schema
 from mirage.fingerprint import model_fingerprint
@@ -18,7 +17,6 @@ from mirage.store import ShardStore
 from tasks.generate import plan
 
 
-@task(cache_policy=NO_CACHE)  # inputs are models and arrays: nothing to hash
 def sample(gen: Generator, model_id: str, cfg: Generate, size: int | None, items: list[GenerationItem]) -> pa.Table:
     images = gen.sample(items, cfg.steps, cfg.guidance, size, pad_to=cfg.batch_size)
     rows = [
