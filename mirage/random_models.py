@@ -3,7 +3,10 @@ pretrained ones.  No machine here can download weights, so tests and
 benchmarks exercise the real loading code on these: an open_clip model, a
 timm ViT, a Stable-Diffusion-layout text-to-image pipeline and a DiT pipeline.
 
-    python -m mirage.random_models sd-turbo-like OUT   (or: open_clip ARCH, timm NAME, dit, tiny-sd)
+    python -m mirage.random_models tiny-sd OUT   (or: dit OUT, open_clip ARCH OUT, timm NAME OUT)
+
+`save_text2image` takes the UNet/VAE widths and the text model's size, so an
+SD-scale pipeline for a GPU benchmark is one call away.
 """
 from __future__ import annotations
 
@@ -99,13 +102,6 @@ def save_text2image(out: Path, seed: int = 0, unet_channels: tuple[int, ...] = (
     return out
 
 
-def save_sd_turbo_like(out: Path, seed: int = 0) -> Path:
-    """SD-Turbo's architecture (SD 2.1 UNet: 320/640/1280/1280, 1024-wide text
-    model with 23 layers, the full VAE) with random weights: ~1.3 B parameters."""
-    return save_text2image(out, seed, unet_channels=(320, 640, 1280, 1280), vae_channels=(128, 256, 512, 512),
-                           text_width=1024, text_layers=23, sample_size=64)
-
-
 def save_dit(out: Path, seed: int = 0, labels: tuple[str, ...] = ("circle", "square", "triangle")) -> Path:
     """A tiny class-conditional DiTPipeline (Transformer2DModel + AutoencoderKL + DDIM)."""
     from diffusers import DDIMScheduler, DiTPipeline, Transformer2DModel
@@ -125,7 +121,7 @@ def save_dit(out: Path, seed: int = 0, labels: tuple[str, ...] = ("circle", "squ
 
 
 def main(argv: list[str]) -> None:
-    kinds = {"tiny-sd": save_text2image, "sd-turbo-like": save_sd_turbo_like, "dit": save_dit}
+    kinds = {"tiny-sd": save_text2image, "dit": save_dit}
     if len(argv) == 2 and argv[0] in kinds:
         print(kinds[argv[0]](Path(argv[1])))
     elif len(argv) == 3 and argv[0] in ("open_clip", "timm"):
