@@ -33,15 +33,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=768)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=256, help="stored image size (px)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="auto", help="decode workers: a number or auto (the stage's default)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
     try:
         model_dir = random_models.save_open_clip(args.arch, tmp / "encoder")
         images = images_table(tmp / "images", args.n, args.size)
+        workers = args.workers if args.workers == "auto" else int(args.workers)
         cfg = project_params().features.model_copy(update={
-            "encoder": str(model_dir), "batch_size": args.batch, "patches": False, "workers": args.workers})
+            "encoder": str(model_dir), "batch_size": args.batch, "patches": False, "workers": workers})
 
         encoder = load_encoder(f"local-dir:{model_dir}")
         rows = list(iter_rows(images, ["id", "image"]))
@@ -71,7 +72,7 @@ def main() -> None:
         bare_s, stage_s, loop_rate = float(np.median(bare_t)), float(np.median(stage_t)), float(np.median(loop_rates))
         bare_rate, stage_rate = args.n / bare_s, args.n / stage_s
         print(f"{args.arch} random weights, CPU ({torch.get_num_threads()} threads), {args.n} images of "
-              f"{args.size} px, batch {args.batch}, {args.workers} decode workers")
+              f"{args.size} px, batch {args.batch}, decode workers {args.workers}")
         print(f"medians of {args.repeats} interleaved repeats")
         print(f"bare encode_image on preprocessed batches  {bare_s:7.2f} s  {bare_rate:6.1f} img/s")
         print(f"features stage (PNG in Parquet -> table)   {stage_s:7.2f} s  {stage_rate:6.1f} img/s"

@@ -1,8 +1,10 @@
 """Stage features: global embeddings (+ patch features) of the generated images.
 
-Images stream from the images table in key order; a background thread reads
-and decodes (with `features.workers` threads) and preprocesses the next
-batches while the model runs on the current one.  Only missing items are
+Images stream from the images table in key order; with workers (the default
+on a GPU) a background thread reads, decodes (with `features.workers`
+threads) and preprocesses the next batches while the model runs on the
+current one.  On CPU the default is inline: the model already keeps every core
+busy, and measured inline was faster (benchmarks/features_throughput.py).  Only missing items are
 computed; rows of a previous encoder are kept in the pool, so switching back
 restores them.  Batches are plain calls inside the flow run: a Prefect task run
 per batch cost ~4% of ViT-B-32 throughput on 2 cores and would flood the UI at
@@ -86,7 +88,8 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     for key, s in wanted:
         s["key"] = key
     reader = OrderedReader(images, ["image"])
-    workers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="mirage-decode") if cfg.workers else None
+    n_workers = cfg.workers if cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
+    workers = ThreadPoolExecutor(n_workers, thread_name_prefix="mirage-decode") if n_workers else None
 
     def prepare(specs: list[dict]):
         rows = reader.take([s["src"] for s in specs])
@@ -100,7 +103,7 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     try:
         with progress(len(wanted), "features", unit="img") as bar:
             stats = store.update(wanted, lambda batch: encode(encoder, mode, unet, model_id, store.schema, batch),
-                                 cfg.batch_size, bar.update, prepare=prepare, prefetch=2 if cfg.workers else 0)
+                                 cfg.batch_size, bar.update, prepare=prepare, prefetch=2 if n_workers else 0)
     finally:
         if workers:
             workers.shutdown()

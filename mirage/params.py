@@ -97,12 +97,20 @@ class Generate(Section):
 class Features(Section):
     RUNTIME = frozenset({"workers"})
 
+    @model_validator(mode="after")
+    def _workers(self) -> "Features":
+        if isinstance(self.workers, int) and self.workers < 0:
+            raise ValueError("workers must be >= 0 or auto")
+        return self
+
     encoder: str = "models/encoder"  # open_clip (dir, ARCH:TAG, random:ARCH:SEED) or timm:NAME / timm:local-dir:PATH
     batch_size: int = Field(gt=0)
     patches: bool
     # encoder (= encoder:keys), encoder:tokens, or unet:MODULE:TIMESTEP[:SEED]
     patch_backbone: str = "encoder"
-    workers: int = Field(default=2, ge=0)  # threads decoding and preprocessing ahead of the model
+    # threads decoding and preprocessing ahead of the model; auto: 2 when it runs
+    # on a GPU, 0 (inline) on CPU, where the model already keeps every core busy
+    workers: int | Literal["auto"] = "auto"
     device: Device = "auto"
     dtype: Dtype = "auto"  # autocast dtype on GPU; CPU always runs float32
     shard_rows: int = Field(default=1024, gt=0)

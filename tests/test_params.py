@@ -44,3 +44,12 @@ def test_write_overrides_keeps_comments_and_validates(tmp_path):
     with pytest.raises(params.ParamsError):
         params.write_overrides(path, {"discover.tau": 7})
     assert params.load(path).discover.tau == 0.35  # a rejected override changes nothing
+
+
+def test_features_workers_is_a_count_or_auto():
+    assert params.load(ROOT / "params.yaml").features.workers == "auto"
+    assert params.load(ROOT / "params.yaml", {"features.workers": 3}).features.workers == 3
+    with pytest.raises(params.ParamsError, match="features"):
+        params.load(ROOT / "params.yaml", {"features.workers": -1})
+    with pytest.raises(params.ParamsError, match="features.workers"):
+        params.load(ROOT / "params.yaml", {"features.workers": "many"})
