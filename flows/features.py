@@ -23,14 +23,13 @@ from prefect import flow, get_run_logger
 from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.generators import resolve_device
-from mirage.models import ImageEncoder, load_encoder, load_patch_backbone
+from mirage.models import EncoderPatches, ImageEncoder, load_encoder, load_patch_backbone
 from mirage.params import Features
 from mirage.stage import parse, pool_dir, progress
 from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
 from tasks.features import decode_batch, embed_batch
 
 VERSION = 2
-GROUP_BYTES = 16 << 20  # row groups of patch features stay ~16 MB: finalising holds one
 
 
 def patch_mode(cfg: Features) -> str | None:
@@ -73,20 +72,18 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     if mode and source:
         first = OrderedReader(images, ["image"]).take([source[0][0]])[0]["image"]
         probe = decode_batch([source[0][1]], [first], None)
-        _, feats = embed_batch(encoder, encoder.prepare(probe), probe, mode, unet)
-        gh, gw = unet.patches(probe)[1] if mode == "unet" else encoder.patch_grid
-        patch_len = feats.shape[1]
+        feats, (gh, gw) = (unet if mode == "unet" else EncoderPatches(encoder, mode)).patches(probe)
+        patch_len = feats[0].size
         meta |= {"grid": f"{gh},{gw},{patch_len // (gh * gw)}", "patches": cfg.patch_backbone,
                  "patches_model": patch_id or model_id}
-    row_bytes = 2 * (encoder.embed_dim + (patch_len or 0)) + 64
     store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows,
-                       pool=pool_dir("features"), group_rows=max(1, min(4096, GROUP_BYTES // row_bytes)))
-    # what determines an item: its image, the encoder's bytes, and how patches are made
-    wanted = [(item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
-                        cfg.batch_size),
-               {"src": src, "id": image_id}) for src, image_id in source]
-    for key, s in wanted:
-        s["key"] = key
+                       pool=pool_dir("features"), row_bytes=2 * (encoder.embed_dim + (patch_len or 0)) + 64)
+    wanted = []
+    for src, image_id in source:
+        # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
+        key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
+                       cfg.batch_size)
+        wanted.append((key, {"key": key, "src": src, "id": image_id}))
     reader = OrderedReader(images, ["image"])
     n_workers = cfg.workers if cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
     workers = ThreadPoolExecutor(n_workers, thread_name_prefix="mirage-decode") if n_workers else None

@@ -46,9 +46,8 @@ def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
     items = plan(cfg.prompt_templates, cfg.classes, cfg.per_prompt, cfg.seed,
                  (model_id, cfg.steps, cfg.guidance, size, dtype, cfg.batch_size))
     meta = {"stage": "generate", "model": model_id, "params": cfg.digest(), "device": str(gen.device), "dtype": dtype}
-    png_bytes = (size or 512) ** 2 * 3 // 2  # a generous PNG size estimate: row groups stay ~16 MB
     store = ShardStore(out, schema.IMAGES, meta, cfg.shard_rows, pool=pool_dir("generate"),
-                       group_rows=max(1, min(4096, (16 << 20) // png_bytes)))
+                       row_bytes=(size or 512) ** 2 * 3 // 2)  # a generous PNG size estimate
     start = time.perf_counter()
     with progress(len(items), "generate", unit="img") as bar:
         stats = store.update([(it.key, it) for it in items], lambda batch: sample(gen, model_id, cfg, size, batch),

@@ -64,6 +64,12 @@ def _detector(detector: Path):
     return load_detector(path), path
 
 
+def _under(root: Path, model: str) -> str:
+    """A model named in params.yaml: a path relative to the project root if it
+    exists there, else the name itself (a hub id, `random:...`)."""
+    return str(root / model) if (root / model).exists() else model
+
+
 def _coco_discovery(root: Path, items) -> dict:
     """Discovery CorLoc/AP on the dataset with the project's patch backbone and discover params."""
     from mirage import params as params_mod
@@ -72,12 +78,8 @@ def _coco_discovery(root: Path, items) -> dict:
     from tasks.coco_dataset import evaluate_discovery
 
     p = params_mod.load(root / "params.yaml")
-
-    def local(path: str) -> str:
-        return str(root / path) if (root / path).exists() else path
-
-    encoder = load_encoder(encoder_spec(local(p.features.encoder)))
-    generator = local(p.generate.model)
+    encoder = load_encoder(encoder_spec(_under(root, p.features.encoder)))
+    generator = _under(root, p.generate.model)
     backbone = load_patch_backbone(p.features.patch_backbone, encoder, generator)
     size = backbone.unet.config.sample_size if p.features.patch_backbone.startswith("unet") else encoder.image_size
     stats = evaluate_discovery(backbone, int(size), items, p.discover, p.evaluate.iou)
@@ -96,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("mirage search: -k must be >= 1", file=sys.stderr)
         return 2
     try:
-        encoder = load_encoder(encoder_spec(str(root / cfg.encoder) if (root / cfg.encoder).exists() else cfg.encoder))
+        encoder = load_encoder(encoder_spec(_under(root, cfg.encoder)))
         hits = search(args.query, root / args.features, root / args.images, encoder, args.k)
     except (ValueError, FileNotFoundError) as err:
         print(f"mirage search: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ the images table is read only for the k hits.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,6 @@ def contact_sheet(hits: list[Hit], path: str | Path, tile: int = 128, columns: i
         img = Image.fromarray(decode_png(hit.image)).resize((tile, tile), Image.NEAREST)
         sheet.paste(img, (x, y))
         draw.text((x + 2, y + tile), f"{n + 1}. {hit.score:.3f}", fill="black")
-    import io
-
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(Path(path), buf.getvalue())

@@ -59,6 +59,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 ROW_GROUP_BYTES = 64 << 20  # readers stream a row group at a time
+SHARD_GROUP_BYTES = 16 << 20  # a shard store's row groups: what finalising holds at once
+
+
+def rows_per_group(row_bytes: float, budget: int = ROW_GROUP_BYTES) -> int:
+    """Rows in a row group of about `budget` bytes (1 to 4096)."""
+    return max(1, min(4096, int(budget // max(row_bytes, 1))))
 
 
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
@@ -78,15 +84,15 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
             "column_encoding": {path: "BYTE_STREAM_SPLIT" for path in floats}}
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
+def write_parquet(path: Path, table: pa.Table, options: dict[str, Any] | None = None) -> None:
     """Atomic Parquet write with fixed settings, so equal tables give equal bytes.
     Row groups hold up to 4096 rows and about 64 MB, so big rows (real images,
-    patch features) still stream."""
+    patch features) still stream.  `options`: parquet_options of the schema,
+    when the caller already has them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    row_bytes = table.nbytes / max(table.num_rows, 1)
-    rows = max(1, min(4096, int(ROW_GROUP_BYTES // max(row_bytes, 1))))
-    pq.write_table(table, tmp, row_group_size=rows, **parquet_options(table.schema))
+    rows = rows_per_group(table.nbytes / max(table.num_rows, 1))
+    pq.write_table(table, tmp, row_group_size=rows, **(options or parquet_options(table.schema)))
     os.replace(tmp, path)
 
 
@@ -148,12 +154,16 @@ class ShardStore:
     """A directory of Parquet shards plus `manifest.json`."""
 
     def __init__(self, root: str | Path, schema: pa.Schema, metadata: dict[str, str], shard_rows: int,
-                 pool: str | Path | None = None, group_rows: int = 4096):
+                 pool: str | Path | None = None, row_bytes: int | None = None):
+        """`row_bytes`: an estimate of a row's size, which sizes the row groups
+        (about SHARD_GROUP_BYTES, what a reader or the finaliser holds at once);
+        without it, groups of 4096 rows."""
         self.root = Path(root)
-        self.group_rows = group_rows  # rows per Parquet row group: what a reader or writer holds at once
+        self.group_rows = rows_per_group(row_bytes, SHARD_GROUP_BYTES) if row_bytes else 4096
         self.pool = Path(pool) if pool else None
         self.metadata = {k: str(v) for k, v in sorted(metadata.items())}
         self.schema = schema.with_metadata(self.metadata)
+        self.options = parquet_options(self.schema)
         self.shard_rows = shard_rows
 
     # -- reading ---------------------------------------------------------------
@@ -205,16 +215,16 @@ class ShardStore:
         missing = [(k, s) for k, s in wanted if k not in index]
         work = self.root / WORK
         pooled = sum(1 for k, _ in wanted if k in index and self.pool and index[k][0].parent == self.pool)
-        chunks = [[s for _, s in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)]
-        keys_of = iter([[k for k, _ in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)])
-        for _specs, x in prepared_ahead(chunks, prepare or (lambda specs: specs), prefetch if prepare else 0):
-            chunk = next(keys_of)
+        chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
+        make = prepare or (lambda specs: specs)
+        ahead = prefetch if prepare else 0
+        for chunk, x in prepared_ahead(chunks, lambda pairs: make([s for _, s in pairs]), ahead):
             table = compute(x)
             got = table.column("key").to_pylist()
-            if got != chunk:
+            if got != [k for k, _ in chunk]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")
             path = work / f"batch-{item_key(got)}.parquet"
-            write_parquet(path, table.cast(self.schema))
+            write_parquet(path, table.cast(self.schema), self.options)
             for row, key in enumerate(got):
                 index[key] = (path, row)
             if progress:
@@ -258,7 +268,7 @@ class ShardStore:
         bytes depend on the rows only, not on where they came from)."""
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(tmp, self.schema, **parquet_options(self.schema)) as writer:
+        with pq.ParquetWriter(tmp, self.schema, **self.options) as writer:
             for group in self._rows(keys, index):
                 writer.write_table(group, row_group_size=self.group_rows)
             if not keys:
