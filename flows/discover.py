@@ -9,15 +9,16 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 
 from mirage import schema
+from mirage.devices import compute_dtype, resolve_device
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.images import decode_png, encode_mask
 from mirage.models import Encoder, load_encoder
-from mirage.params import Discover
-from mirage.stage import parse, progress
+from mirage.params import Discover, Features
+from mirage.stage import parse, pool_dir, progress
 from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
 
-VERSION = 3  # 2: float32 similarities; 3: float32 deflated ARPACK solve
+VERSION = 4  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys
 
 
 @task
@@ -31,12 +32,14 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
             mask, box = cut_to_object(cut, h, w)
             found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
     prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
-    labels, label_scores = (
-        zero_shot(encoder, images[[f[0] for f in found]], [f[1] for f in found], prompts) if found else ([], [])
-    )
+    if found and encoder.has_text:
+        index, label_scores = zero_shot(encoder, images[[f[0] for f in found]], [f[1] for f in found], prompts)
+        labels = [cfg.classes[int(i)] for i in index]
+    else:  # an image-only encoder (a timm ViT) names nothing: label "" with score 0
+        labels, label_scores = [""] * len(found), [0.0] * len(found)
     objects: list[list[dict]] = [[] for _ in rows]
     for (i, box, mask, score), lab, ls in zip(found, labels, label_scores):
-        objects[i].append({"box": box, "mask": mask, "score": score, "label": cfg.classes[int(lab)], "label_score": float(ls)})
+        objects[i].append({"box": box, "mask": mask, "score": score, "label": lab, "label_score": float(ls)})
     out = [{"key": r["key"], "image_id": r["id"], "prompt_class": r["class_name"], "objects": o} for r, o in zip(rows, objects)]
     return pa.Table.from_pylist(out, schema=schema.OBJECTS)
 
@@ -45,6 +48,8 @@ def write_coco(rows: list[dict], images: list[dict], classes: tuple[str, ...], p
     """The discovered objects as a COCO detection file (boxes x, y, w, h px)."""
     objects = [{**o, "image_id": r["image_id"]} for r in rows for o in r["objects"]]
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    if any(o["label"] not in classes for o in objects):  # unnamed (an image-only encoder)
+        cats.append({"id": len(classes) + 1, "name": "object"})
     coco = {
         "images": [{"id": i, "file_name": im["id"], "width": im["width"], "height": im["height"]} for i, im in enumerate(images)],
         "categories": cats,
@@ -54,7 +59,7 @@ def write_coco(rows: list[dict], images: list[dict], classes: tuple[str, ...], p
     for n, o in enumerate(objects):
         x, y, w, h = o["box"]
         coco["annotations"].append({
-            "id": n + 1, "image_id": index[o["image_id"]], "category_id": classes.index(o["label"]) + 1,
+            "id": n + 1, "image_id": index[o["image_id"]], "category_id": classes.index(o["label"]) + 1 if o["label"] in classes else len(classes) + 1,
             "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "score": o["score"],
             "segmentation": {"size": [images[index[o["image_id"]]]["height"], images[index[o["image_id"]]]["width"]], "counts": o["mask"]},
         })
@@ -62,12 +67,17 @@ def write_coco(rows: list[dict], images: list[dict], classes: tuple[str, ...], p
 
 
 @flow(name="discover")
-def discover_flow(cfg: Discover, images: str, features: str, encoder_arg: str, out: str, coco: str) -> dict[str, float]:
+def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str) -> dict[str, float]:
+    """Objects in every generated image; named by zero-shot with the configured
+    encoder (`features.encoder`, on `features.device` in `features.dtype`)."""
     log = get_run_logger()
     meta = table_metadata(features)
     grid = tuple(int(v) for v in meta["grid"].split(","))
-    spec = encoder_spec(encoder_arg)
+    spec = encoder_spec(fcfg.encoder)
+    encoder = load_encoder(spec, resolve_device(fcfg.device), fcfg.dtype)
     model_id = model_fingerprint(spec)
+    # what names an object: the encoder's bytes and the device and precision it runs in
+    naming = (model_id, encoder.device.type, compute_dtype(fcfg.dtype, encoder.device))
     table = read_table(features, columns=["key", "id", "patches"])
     # patches straight to one float16 array: as Python lists they cost more than the cut
     patches = table.column("patches").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
@@ -76,25 +86,30 @@ def discover_flow(cfg: Discover, images: str, features: str, encoder_arg: str, o
     imgs = {r["id"]: r for r in read_table(images, columns=["id", "image", "class_name", "width", "height"]).to_pylist()}
     wanted = []
     for f in feats:
-        key = item_key("discover", VERSION, f["key"], model_id, cfg.digest())
+        key = item_key("discover", VERSION, f["key"], naming, cfg.digest())
         wanted.append((key, {**f, "key": key, "image": imgs[f["id"]]["image"], "class_name": imgs[f["id"]]["class_name"]}))
-    encoder = load_encoder(spec)
-    store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()}, cfg.shard_rows)
+    store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
+                       cfg.shard_rows, pool=pool_dir("discover"))
     with progress(len(wanted), "discover") as bar:
         stats = store.update(wanted, lambda rows: discover_batch(encoder, cfg, grid, rows), 256, bar.update)
     rows = read_table(out).to_pylist()
     write_coco(rows, [imgs[f["id"]] for f in feats], cfg.classes, Path(coco))
+    if not encoder.has_text:
+        log.warning("discover: %s has no text tower, objects are not named", fcfg.encoder)
     top = [r["objects"][0]["label"] == r["prompt_class"] for r in rows if r["objects"]]
     agree = float(np.mean(top)) if top else 0.0
     n_objects = sum(len(r["objects"]) for r in rows)
-    log.info("discover: %d objects in %d images (%d computed, %d reused); top object's zero-shot label = "
-             "prompt class for %.1f%%", n_objects, len(rows), stats.computed, stats.reused, 100 * agree)
-    return {"objects": n_objects, "label_agreement": agree}
+    log.info("discover: %d objects in %d images (%d computed, %d reused of which %d from the pool); top object's "
+             "zero-shot label = prompt class for %.1f%%", n_objects, len(rows), stats.computed, stats.reused,
+             stats.restored, 100 * agree)
+    return {"objects": n_objects, "label_agreement": agree, "items": stats.wanted, "computed": stats.computed,
+            "reused": stats.reused, "restored": stats.restored}
 
 
-def main(argv: list[str] | None = None) -> None:
-    params, args = parse("discover", ["images", "features", "encoder", "out", "coco"], argv)
-    discover_flow(params.discover, args.images, args.features, args.encoder, args.out, args.coco)
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
+    params, args = parse("discover", ["images", "features", "out", "coco"], argv)
+    return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 
 from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
-from mirage.generators import resolve_device
+from mirage.devices import compute_dtype, resolve_device
 from mirage.models import EncoderPatches, ImageEncoder, load_encoder, load_patch_backbone
 from mirage.params import Features
 from mirage.stage import parse, pool_dir, progress
@@ -59,12 +59,15 @@ def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema
 
 @flow(name="features")
 def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[str, int]:
+    """`generator`: the configured generate.model, whose UNet a `unet:` patch backbone uses."""
     log = get_run_logger()
     spec = encoder_spec(cfg.encoder)
     encoder = load_encoder(spec, resolve_device(cfg.device), cfg.dtype)
     mode = patch_mode(cfg)
     unet = load_patch_backbone(cfg.patch_backbone, encoder, generator) if mode == "unet" else None
     model_id = model_fingerprint(spec)
+    # float32 on a CPU and float16 autocast on a GPU give other bytes: part of every key
+    computed_on = (encoder.device.type, compute_dtype(cfg.dtype, encoder.device))
     patch_id = model_fingerprint(generator) if mode == "unet" else ""  # the UNet's identity, when it makes the patches
     source = [(r["key"], r["id"]) for r in iter_rows(images, ["key", "id"])]
     meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
@@ -82,7 +85,7 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
     for src, image_id in source:
         # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
         key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
-                       cfg.batch_size)
+                       cfg.batch_size, computed_on)
         wanted.append((key, {"key": key, "src": src, "id": image_id}))
     reader = OrderedReader(images, ["image"])
     n_workers = cfg.workers if cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
@@ -111,9 +114,10 @@ def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[
             "rate": round(rate, 2)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    params, args = parse("features", ["images", "generator", "out"], argv)
-    features_flow(params.features, args.images, args.generator, args.out)
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
+    params, args = parse("features", ["images", "out"], argv)
+    return features_flow(params.features, args.images, params.generate.model, args.out)
 
 
 if __name__ == "__main__":

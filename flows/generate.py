@@ -38,8 +38,8 @@ def image_size(cfg: Generate, gen: Generator) -> int | None:
 @flow(name="generate")
 def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
     log = get_run_logger()
-    model_id = model_fingerprint(cfg.model)
     gen = load_generator(cfg.model, cfg.device, cfg.dtype)
+    model_id = model_fingerprint(cfg.model)  # after loading: a hub model's revision is then in the local cache
     gen.check_classes(cfg.classes)
     size = image_size(cfg, gen)
     dtype = str(gen.dtype).removeprefix("torch.")
@@ -55,12 +55,14 @@ def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
     log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %d reused, %d dropped)",
              stats.wanted, stats.computed, rate, gen.device, dtype, stats.reused, stats.dropped)
-    return {"images": stats.wanted, "computed": stats.computed, "reused": stats.reused, "rate": round(rate, 3)}
+    return {"images": stats.wanted, "items": stats.wanted, "computed": stats.computed, "reused": stats.reused,
+            "rate": round(rate, 3)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("generate", ["out"], argv)
-    generate_flow(params.generate, args.out)
+    return generate_flow(params.generate, args.out)
 
 
 if __name__ == "__main__":

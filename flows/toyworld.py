@@ -41,23 +41,24 @@ def render_batch(cfg: Toyworld, split: Split, specs: list[tuple[str, int]]) -> p
 
 
 @flow(name="toyworld")
-def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, int]:
+def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, dict[str, int]]:
     log = get_run_logger()
     check_names(cfg)
     counts = {}
     for name, split in (("train", cfg.train), ("test", cfg.test)):
-        store = ShardStore(Path(out) / name, schema.SCENES, {"stage": "toyworld", "params": cfg.digest(), "split_seed": split.seed}, cfg.shard_rows)
+        store = ShardStore(Path(out) / name, schema.SCENES, {"stage": "toyworld", "split": name, "params": cfg.split_digest(name)}, cfg.shard_rows)
         wanted = [(k, (k, i)) for i in range(split.n) for k in [scene_key(cfg, split, i)]]
         with progress(split.n, f"toyworld {name}") as bar:
             stats = store.update(wanted, lambda specs: render_batch(cfg, split, specs), batch_size=256, progress=bar.update)
         log.info("toyworld %s: %d scenes (%d rendered, %d reused)", name, stats.wanted, stats.computed, stats.reused)
-        counts[name] = stats.wanted
+        counts[name] = {"items": stats.wanted, "computed": stats.computed}
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("toyworld", ["out"], argv)
-    toyworld_flow(params.toyworld, args.out)
+    return toyworld_flow(params.toyworld, args.out)
 
 
 if __name__ == "__main__":

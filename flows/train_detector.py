@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from mirage.images import decode_mask, decode_png
 from mirage.params import TrainDetector
-from mirage.stage import parse, progress
+from mirage.stage import LossProgress, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_detector import merge_predictions, predict, save_detector, train
 
@@ -25,7 +25,11 @@ def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None
         def label(o: dict) -> int:
             if classes is None:
                 return 1
-            name = r["prompt_class"] if r["prompt_class"] in classes and len(found) == 1 else o["label"]
+            known = r["prompt_class"] in classes
+            name = r["prompt_class"] if known and (len(found) == 1 or o["label"] not in classes) else o["label"]
+            if name not in classes:
+                raise ValueError(f"image {r['image_id']}: object labelled {name!r}, not one of discover.classes "
+                                 "(class_aware needs an encoder with a text tower or prompt classes)")
             return classes.index(name) + 1
         labelled[r["image_id"]] = {"boxes": [o["box"] for o in found], "labels": [label(o) for o in found],
                                    "masks": [o["mask"] for o in found]}
@@ -54,23 +58,19 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
             if score is not None:
                 labelled = merge_predictions(labelled, predict(model, data), score)
             log.info("round %d: %d images, %d boxes, %d steps", r, len(data), sum(len(x["boxes"]) for x in labelled), steps)
-            losses: list[float] = []
-            with progress(steps, f"train_detector round {r}") as bar:
-                def on_step(step: int, loss: float) -> None:
-                    losses.append(loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            with LossProgress(steps, f"train_detector round {r}") as on_step:
                 model, dcfg = train(cfg, data, labelled, on_step, steps=steps, start=model, num_classes=num_classes,
                                     paste_pool=pool)
             save_detector(model, dcfg, tmp / f"round-{r}")
-            finals.append(float(np.mean(losses[-20:])))
-            log.info("round %d: loss %.3f -> %.3f", r, losses[0], finals[-1])
+            finals.append(on_step.mean())
+            log.info("round %d: loss %.3f -> %.3f", r, on_step.losses[0], finals[-1])
     return finals
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("train_detector", ["images", "objects", "out"], argv)
-    train_detector_flow(params.train_detector, list(params.discover.classes), args.images, args.objects, args.out)
+    return train_detector_flow(params.train_detector, list(params.discover.classes), args.images, args.objects, args.out)
 
 
 if __name__ == "__main__":

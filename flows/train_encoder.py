@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from mirage.images import decode_png
 from mirage.models import save_encoder
 from mirage.params import TrainEncoder
-from mirage.stage import parse, progress
+from mirage.stage import LossProgress, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_encoder import train
 
@@ -21,23 +21,19 @@ def train_encoder_flow(cfg: TrainEncoder, scenes: str, out: str) -> float:
     images = np.stack([decode_png(r["image"]) for r in rows])
     captions = [r["caption"] for r in rows]
     log.info("training %s on %d captioned images, %d steps", cfg.config, len(rows), cfg.steps)
-    losses: list[float] = []
-    with progress(cfg.steps, "train_encoder") as bar:
-        def on_step(step: int, loss: float) -> None:
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    with LossProgress(cfg.steps, "train_encoder") as on_step:
         encoder = train(cfg, images, captions, on_step)
     with atomic_dir(out) as tmp:
         save_encoder(encoder.model, cfg.config, tmp)
-    final = float(np.mean(losses[-50:]))
+    final = on_step.mean(50)
     log.info("saved %s (final loss %.3f)", out, final)
     return final
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("train_encoder", ["scenes", "out"], argv)
-    train_encoder_flow(params.train_encoder, args.scenes, args.out)
+    return train_encoder_flow(params.train_encoder, args.scenes, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from mirage.images import decode_png
 from mirage.params import TrainGenerator
-from mirage.stage import parse, progress
+from mirage.stage import LossProgress, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_generator import train
 
@@ -29,18 +29,11 @@ def train_generator_flow(cfg: TrainGenerator, class_names: list[str], scenes: st
     log = get_run_logger()
     images, labels = load_labelled(scenes, class_names)
     log.info("training on %d images, %d classes, %d steps", len(images), len(class_names), cfg.steps)
-    losses: list[float] = []
-    with progress(cfg.steps, "train_generator") as bar:
-        def on_step(step: int, loss: float) -> None:
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if step % 500 == 0:
-                log.info("step %d loss %.4f", step, np.mean(losses[-50:]))
+    with LossProgress(cfg.steps, "train_generator", window=50, log_every=500, log=log) as on_step:
         pipe = train(cfg, images, labels, class_names, on_step)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-    final = float(np.mean(losses[-100:]))
+    final = on_step.mean(100)
     log.info("saved %s (final loss %.4f)", out, final)
     return final
 

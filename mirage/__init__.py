@@ -7,3 +7,6 @@ import os as _os
 # mirage's Prefect servers are local and private: no telemetry (it also fails
 # noisily on machines without a network)
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the first temporary server on a fresh machine creates and migrates its
+# SQLite database, which takes longer than Prefect's 20 s default on 2 cores
+_os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

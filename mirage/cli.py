@@ -19,14 +19,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from mirage import pipeline
 
-    why = pipeline.stale(Path(args.root).resolve())
-    if not why:
+    start = time.perf_counter()
+    unknown = set(args.models) - {"generator", "encoder"}
+    if unknown:
+        print(f"mirage train: unknown model {sorted(unknown)}: expected generator and/or encoder", file=sys.stderr)
+        return 2
+    stages = tuple(f"train_{m}" for m in (args.models or ["generator", "encoder"]))
+    results = pipeline.run(args.root, force=False, train=stages)
+    print(pipeline.summary(args.root, results, time.perf_counter() - start))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mirage import params as params_mod
+    from mirage import pipeline
+
+    root = Path(args.root).resolve()
+    params_mod.load(root / "params.yaml")  # bad params are named first
+    status = pipeline.explain(root)
+    if not status.stale:
         print("nothing stale: `mirage run` would run no stage")
-    for stage, reasons in why.items():
+    for stage, reasons in status.stale.items():
         print(f"{stage}: stale")
+        for reason in reasons:
+            print(f"  {reason}")
+    if status.downstream:
+        print(f"then, as their inputs change: {', '.join(status.downstream)}")
+    for stage, reasons in status.frozen.items():
+        print(f"{stage}: frozen (committed model, not rerun; `mirage train {stage.removeprefix('train_')}` "
+              f"retrains it); changed since it was trained:")
         for reason in reasons:
             print(f"  {reason}")
     return 0
@@ -35,18 +59,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_eval_coco(args: argparse.Namespace) -> int:
     import json
 
+    from flows.eval_coco import eval_coco
     from mirage.store import atomic_write_json
-    from tasks.coco_dataset import evaluate_detector, load_coco
 
     try:
-        items = load_coco(args.annotations, args.images)
-        result: dict = {"dataset": str(args.annotations), "images": len(items)}
-        if args.discovery:
-            result["discovery"] = _coco_discovery(Path(args.root), items)
-        if args.detector != "none":
-            model, path = _detector(Path(args.detector))
-            result["detector"] = str(path)
-            result |= {k.lower(): v for k, v in evaluate_detector(model, items, args.score_thresh).items()}
+        result = eval_coco(Path(args.root), args.annotations, args.images, args.detector, args.discovery,
+                           args.score_thresh)
     except (ValueError, FileNotFoundError) as err:
         print(f"mirage eval-coco: {err}", file=sys.stderr)
         return 2
@@ -56,39 +74,9 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detector(detector: Path):
-    from tasks.train_detector import load_detector
-
-    rounds = sorted(detector.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
-    path = rounds[-1] if rounds and not (detector / "model.safetensors").exists() else detector
-    return load_detector(path), path
-
-
-def _under(root: Path, model: str) -> str:
-    """A model named in params.yaml: a path relative to the project root if it
-    exists there, else the name itself (a hub id, `random:...`)."""
-    return str(root / model) if (root / model).exists() else model
-
-
-def _coco_discovery(root: Path, items) -> dict:
-    """Discovery CorLoc/AP on the dataset with the project's patch backbone and discover params."""
-    from mirage import params as params_mod
-    from mirage.fingerprint import encoder_spec
-    from mirage.models import load_encoder, load_patch_backbone
-    from tasks.coco_dataset import evaluate_discovery
-
-    p = params_mod.load(root / "params.yaml")
-    encoder = load_encoder(encoder_spec(_under(root, p.features.encoder)))
-    generator = _under(root, p.generate.model)
-    backbone = load_patch_backbone(p.features.patch_backbone, encoder, generator)
-    size = backbone.unet.config.sample_size if p.features.patch_backbone.startswith("unet") else encoder.image_size
-    stats = evaluate_discovery(backbone, int(size), items, p.discover, p.evaluate.iou)
-    return {"backbone": p.features.patch_backbone, "method": p.discover.method, "input_size": int(size), **stats}
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     from mirage import params as params_mod
-    from mirage.fingerprint import encoder_spec
+    from mirage.fingerprint import encoder_spec, under
     from mirage.models import load_encoder
     from mirage.search import contact_sheet, search
 
@@ -98,7 +86,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("mirage search: -k must be >= 1", file=sys.stderr)
         return 2
     try:
-        encoder = load_encoder(encoder_spec(_under(root, cfg.encoder)))
+        encoder = load_encoder(encoder_spec(under(root, cfg.encoder)))
         hits = search(args.query, root / args.features, root / args.images, encoder, args.k)
     except (ValueError, FileNotFoundError) as err:
         print(f"mirage search: {err}", file=sys.stderr)
@@ -121,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a parameter in params.yaml (like `dvc exp run -S`)")
     run.add_argument("--force", action="store_true", help="run every stage even if up to date")
     run.set_defaults(func=cmd_run)
+    train = sub.add_parser("train", help="retrain the committed toy models (frozen stages), then run what is stale")
+    train.add_argument("models", nargs="*", metavar="{generator,encoder}", help="default: both")
+    train.set_defaults(func=cmd_train)
     status = sub.add_parser("status", help="show the stale stages and why")
     status.set_defaults(func=cmd_status)
     coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector (and --discovery CorLoc) on any COCO-format dataset")
@@ -141,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--images", default="data/generated", help="the images table (relative to --root)")
     find.set_defaults(func=cmd_search)
     args = parser.parse_args(argv)
+    from mirage.pipeline import PipelineError
+
     try:
         return args.func(args)
-    except ParamsError as err:
+    except (ParamsError, PipelineError) as err:
         print(f"mirage: {err}", file=sys.stderr)
         return 2
 

@@ -19,21 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float16 on a GPU, float32 on CPU (half precision is slow or missing there)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
+from mirage.devices import resolve_device, resolve_dtype
 
 @dataclass(frozen=True)
 class GenerationItem:

@@ -23,6 +23,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from mirage.devices import resolve_device, resolve_dtype
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -60,6 +62,7 @@ class ImageEncoder:
     device: torch.device
     autocast_dtype: torch.dtype | None = None  # GPU only
     num_prefix_tokens = 1  # tokens before the patches (class token, registers)
+    has_text = False  # a text tower: zero-shot naming, prompt alignment, search
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -131,6 +134,7 @@ class Encoder(ImageEncoder):
     """An open_clip model (image and text towers)."""
 
     tokenizer: object = None
+    has_text = True
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -190,14 +194,12 @@ class TimmEncoder(ImageEncoder):
 def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
-    from mirage.generators import resolve_dtype
-
     dt = resolve_dtype(dtype, device)
     return None if dt == torch.float32 else dt
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
 
 
 def load_encoder(name: str, device: torch.device | None = None, dtype: str = "auto") -> ImageEncoder:
@@ -206,9 +208,10 @@ def load_encoder(name: str, device: torch.device | None = None, dtype: str = "au
     if name.startswith("timm:"):
         return _load_timm(name, device, dtype)
     if name.startswith("random:"):
-        _, arch, seed = name.split(":")
-        torch.manual_seed(int(seed))
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+        arch, seed = _random_spec(name)
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
+                                                                     load_weights=False)
         tokenizer = open_clip.get_tokenizer(arch)
     elif name.startswith("local-dir:"):
         path = Path(name.removeprefix("local-dir:"))
@@ -245,10 +248,14 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     import timm
 
     rest = name.removeprefix("timm:")
+    kwargs = {}
     if rest.startswith("random:"):
-        _, arch, seed = rest.split(":")
-        torch.manual_seed(int(seed))
+        arch, seed = _random_spec(rest)
+        torch.manual_seed(seed)
         source, pretrained = arch, False
+        if arch.startswith("local-dir:"):  # the saved model's architecture, with random weights
+            config = json.loads((Path(arch.removeprefix("local-dir:")) / "config.json").read_text())
+            source, kwargs = config["architecture"], config.get("model_args", {})
     elif rest.startswith("local-dir:"):
         path = Path(rest.removeprefix("local-dir:"))
         if not (path / "config.json").exists():
@@ -257,7 +264,7 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     else:
         source, pretrained = rest, True
     try:
-        model = timm.create_model(source, pretrained=pretrained)
+        model = timm.create_model(source, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"encoder {name!r}: {err}") from None
     model.reset_classifier(0)  # the pooled pre-logits are the embedding
@@ -275,6 +282,28 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
         device=device,
         autocast_dtype=_autocast_dtype(dtype, device),
     )
+
+
+def _random_spec(name: str) -> tuple[str, int]:
+    """`random:ARCH:SEED` -> (ARCH, SEED); ARCH may itself hold colons (`local-dir:PATH`)."""
+    arch, _, seed = name.removeprefix("random:").rpartition(":")
+    if not arch or not seed.lstrip("-").isdigit():
+        raise ValueError(f"encoder {name!r}: expected random:ARCH:SEED")
+    return arch, int(seed)
+
+
+def random_twin(spec: str, seed: int) -> str:
+    """The spec of the same architecture as `spec` with random weights (seeded):
+    the baseline that the configured encoder's learned features must beat."""
+    timm = spec.startswith("timm:")
+    rest = spec.removeprefix("timm:")
+    if rest.startswith("random:"):
+        arch = _random_spec(rest)[0]
+    elif rest.startswith("local-dir:") or timm:
+        arch = rest  # a saved directory (its config gives the architecture) or a timm model name
+    else:
+        arch = rest.partition(":")[0]  # open_clip ARCH:TAG
+    return f"{'timm:' if timm else ''}random:{arch}:{seed}"
 
 
 def save_encoder(model: torch.nn.Module, arch: str, out: Path) -> None:
@@ -356,21 +385,32 @@ class DiffusionActivations:
         return f.permute(0, 2, 3, 1).reshape(b, h * w, c).float().cpu().numpy(), (h, w)
 
 
+def parse_patch_backbone(spec: str) -> tuple[str, str | None, int, int]:
+    """`encoder` / `encoder:keys` / `encoder:tokens` -> ("encoder", mode, 0, 0);
+    `unet:MODULE:TIMESTEP[:NOISE_SEED]` -> ("unet", MODULE, TIMESTEP, SEED).
+    Raises ValueError naming features.patch_backbone."""
+    kind, _, rest = spec.partition(":")
+    if kind == "encoder" and rest in ("", "keys", "tokens"):
+        return "encoder", rest or "keys", 0, 0
+    parts = rest.split(":")
+    if kind == "unet" and len(parts) in (2, 3) and all(p.lstrip("-").isdigit() for p in parts[1:]):
+        return "unet", parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+    raise ValueError(f"features.patch_backbone: {spec!r} is none of encoder:keys, encoder:tokens, "
+                     "unet:MODULE:TIMESTEP[:SEED]")
+
+
 def load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None, random_seed: int | None = None):
     """`encoder` / `encoder:keys` (the encoder's last-block keys), `encoder:tokens`
     or `unet:MODULE:TIMESTEP[:NOISE_SEED]` (the generator's UNet).  With
     `random_seed`, the same architecture with random weights: the baseline that
     learned features must beat."""
-    if spec == "encoder" or spec.startswith("encoder:"):
-        if random_seed is None:
-            return EncoderPatches(encoder, spec.partition(":")[2] or "keys")
-        raise ValueError("a random-weight encoder baseline is built by load_encoder('random:ARCH:SEED')")
-    kind, _, rest = spec.partition(":")
-    if kind != "unet" or rest.count(":") not in (1, 2):
-        raise ValueError(f"features.patch_backbone: {spec!r} is neither 'encoder' nor 'unet:MODULE:TIMESTEP[:SEED]'")
+    kind, module, timestep, seed = parse_patch_backbone(spec)
+    if kind == "encoder":
+        if random_seed is not None:
+            encoder = load_encoder(random_twin(encoder.name, random_seed), encoder.device)
+        return EncoderPatches(encoder, module)
     if generator is None:
         raise ValueError("features.patch_backbone: a unet backbone needs the generator")
-    module, timestep, *seed = rest.split(":")
     pipe = load_generator(generator, encoder.device)
     unet = pipe.unet
     if random_seed is not None:
@@ -378,4 +418,11 @@ def load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None,
 
         torch.manual_seed(random_seed)
         unet = UNet2DModel.from_config(unet.config).to(encoder.device)
-    return DiffusionActivations(unet, pipe.scheduler.config, pipe.null_class, module, int(timestep), int(seed[0]) if seed else 0)
+    return DiffusionActivations(unet, pipe.scheduler.config, pipe.null_class, module, timestep, seed)
+
+
+def backbone_input_size(backbone) -> int:
+    """The square image size a patch backbone takes."""
+    if isinstance(backbone, EncoderPatches):
+        return backbone.encoder.image_size
+    return int(backbone.unet.config.sample_size)

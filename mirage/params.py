@@ -11,19 +11,22 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # fields that change how a stage runs but never what it writes
+    # fields that change how a stage runs but never what it computes
     RUNTIME: ClassVar[frozenset[str]] = frozenset()
+    # fields that change only how rows are laid out in files, never a row
+    LAYOUT: ClassVar[frozenset[str]] = frozenset({"shard_rows"})
 
     def digest(self) -> str:
-        """A short hash of the values that shape the section's outputs (recorded
-        in their metadata, so it must not include RUNTIME fields)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUNTIME)), sort_keys=True)
+        """A short hash of the values that shape the section's items (recorded
+        in their metadata and item keys, so it leaves out RUNTIME and LAYOUT
+        fields: changing the shard size recomputes nothing)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUNTIME | self.LAYOUT)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -44,10 +47,28 @@ class Toyworld(Section):
     image_size: int = Field(ge=16)
     classes: tuple[str, ...] = Field(min_length=2)
     colors: tuple[str, ...] = Field(min_length=1)
-    object_size: tuple[int, int]
+    object_size: tuple[int, int]  # (smallest, largest) px
     train: Split
     test: Split
     shard_rows: int = Field(default=1024, gt=0)
+
+    @field_validator("object_size")
+    @classmethod
+    def _sizes(cls, value: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        lo, hi = value
+        size = info.data.get("image_size", hi)
+        if not 1 <= lo <= hi <= size:
+            raise ValueError(f"{list(value)} must be [smallest, largest] with 1 <= smallest <= largest <= "
+                             f"image_size ({size})")
+        return value
+
+    def split_digest(self, name: str) -> str:
+        """What one split's scenes depend on: the world's look and that split
+        alone (changing the test split leaves the train split's bytes, and the
+        models trained on them, alone)."""
+        world = self.model_dump(mode="json", exclude={"train", "test"} | set(self.LAYOUT))
+        blob = json.dumps({**world, name: getattr(self, name).model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class TrainGenerator(Section):
@@ -124,7 +145,6 @@ class Discover(Section):
     eps: float = Field(gt=0)
     max_objects: int = Field(default=3, ge=1)
     min_area: float = Field(default=0.01, ge=0, lt=1)
-    max_overlap: float = Field(default=0.5, gt=0, le=1)
     shard_rows: int = Field(default=4096, gt=0)
 
 
@@ -164,8 +184,10 @@ class ParamsError(ValueError):
     """A bad params.yaml, with the offending keys named."""
 
 
-def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Apply one `-S section.key=value` override; the key must already exist."""
+def set_key(tree: dict[str, Any], dotted: str, value: Any, in_place_anchors: bool = False) -> None:
+    """Apply one `-S section.key=value` override; the key must already exist.
+    With `in_place_anchors`, a list that is a YAML anchor (`&classes`) is
+    changed in place, so its aliases (`*classes`) follow it, as YAML means."""
     *parents, leaf = dotted.split(".")
     node = tree
     for i, part in enumerate(parents):
@@ -174,7 +196,26 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node = node[part]
     if leaf not in node:
         raise ParamsError(f"unknown parameter {dotted!r}")
-    node[leaf] = value
+    old = node[leaf]
+    anchor = getattr(getattr(old, "anchor", None), "value", None)
+    if in_place_anchors and anchor and isinstance(value, list) and _first_path(tree, old) == dotted:
+        old[:] = value  # the anchor itself: its aliases follow
+    else:
+        node[leaf] = value  # a plain value, or an alias site: only this key changes
+
+
+def _first_path(tree: dict[str, Any], target: Any, prefix: str = "") -> str | None:
+    """The dotted key where `target` first occurs in document order (where a
+    YAML anchor is written; later occurrences are its aliases)."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if value is target:
+            return path
+        if isinstance(value, dict):
+            found = _first_path(value, target, path + ".")
+            if found:
+                return found
+    return None
 
 
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -202,13 +243,38 @@ def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:
 
     path = Path(path)
     rt = YAML()
+    rt.preserve_quotes = True
+    rt.Representer = _null_representer()
     tree = rt.load(path.read_text())
     for key, value in overrides.items():
-        set_key(tree, key, value)
+        set_key(tree, key, _flow_style(value), in_place_anchors=True)
     validate(yaml.safe_load(_dump(rt, tree)), path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(_dump(rt, tree))
     tmp.replace(path)
+
+
+def _null_representer():
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class NullRepresenter(RoundTripRepresenter):
+        """Writes None as `null` (ruamel's round-trip default is an empty
+        value).  A subclass: DVC writes dvc.lock with ruamel in this process,
+        and its representer must stay as it is."""
+
+    NullRepresenter.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return NullRepresenter
+
+
+def _flow_style(value: Any) -> Any:
+    """Lists written inline, `[a, b]`, as params.yaml writes them."""
+    from ruamel.yaml.comments import CommentedSeq
+
+    if not isinstance(value, list):
+        return value
+    seq = CommentedSeq(_flow_style(v) for v in value)
+    seq.fa.set_flow_style()
+    return seq
 
 
 def _dump(rt, tree) -> str:

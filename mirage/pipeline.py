@@ -19,18 +19,36 @@ from pathlib import Path
 from mirage import params as params_mod
 
 
+class PipelineError(RuntimeError):
+    """The pipeline cannot start: what is missing and how to get it."""
+
+
 @dataclass
 class StageResult:
     name: str
     ran: bool
     seconds: float = 0.0
     why: list[str] = field(default_factory=list)
+    result: object = None  # what the stage's flow returned: item counts, metrics
+    restored: bool = False  # outputs checked out from DVC's run-cache instead of computed
 
 
 def _repo(root: Path):
     from dvc.repo import Repo
 
     return Repo(str(root))
+
+
+def check_frozen_outputs(repo) -> None:
+    """Frozen stages (the committed toy models) never run on their own; their
+    outputs must be there, or nothing downstream can run."""
+    for stage in repo.index.stages:
+        if stage.frozen:
+            for out in stage.outs:
+                if not Path(out.fs_path).exists():
+                    raise PipelineError(
+                        f"{out.def_path} (the output of frozen stage {stage.name!r}) is missing: "
+                        f"`mirage train {stage.name.removeprefix('train_')}` rebuilds it, `dvc pull` fetches it")
 
 
 def stage_order(repo) -> list:
@@ -47,38 +65,137 @@ def stage_order(repo) -> list:
 
 
 def describe(status: dict) -> dict[str, list[str]]:
-    """DVC's status dict -> stage name: human-readable reasons."""
-    out: dict[str, list[str]] = {}
-    for target, changes in status.items():
-        name = target.split(":")[-1]
-        reasons = []
-        for change in changes:
-            if isinstance(change, str):
-                reasons.append(change)
-                continue
-            for kind, entries in change.items():
-                if isinstance(entries, dict):
-                    reasons += [f"{kind.replace('changed ', '')} {state}: {path}" for path, state in entries.items()]
-                else:
-                    reasons.append(f"{kind}: {entries}")
-        out[name] = reasons
-    return out
+    """DVC's status dict -> stage name: its reasons in words."""
+    return {target.split(":")[-1]: in_words(changes) for target, changes in status.items()}
 
 
 def stale(root: Path) -> dict[str, list[str]]:
-    """What `dvc status` says, by stage name."""
-    return describe(_repo(root).status())
+    """What `dvc status` says, by stage name, frozen stages left out: they
+    never run by themselves (a changed committed model shows as a changed
+    input of the stages that read it)."""
+    with _repo(root) as repo:
+        frozen = {s.name for s in repo.index.stages if s.frozen}
+        return {name: why for name, why in describe(repo.status()).items() if name not in frozen}
 
 
-def run_stage_inprocess(cmd: str) -> None:
-    """Run `python -m flows.X ARGS` from dvc.yaml in this process (never via a shell)."""
+def _flatten(value, prefix: str) -> dict[str, object]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out |= _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: value}
+
+
+def changed_params(stage, current: dict) -> list[str]:
+    """`key: old -> new` for every parameter of `stage` that differs from what
+    dvc.lock recorded when it last ran (dotted keys, leaves only)."""
+    recorded, keys, lines = {}, [], []
+    for dep in stage.deps:
+        if getattr(dep, "def_path", "") == "params.yaml" and hasattr(dep, "params"):
+            recorded |= dict(dep.hash_info.value or {}) if dep.hash_info else {}  # what dvc.lock holds
+            keys += list(dep.params)
+    for key in keys:
+        node = current
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        old, new = _flatten(recorded.get(key), key), _flatten(node, key)
+        for leaf in sorted(set(old) | set(new)):
+            if old.get(leaf) != new.get(leaf):
+                lines.append(f"{leaf}: {old.get(leaf, '(not set)')} -> {new.get(leaf, '(removed)')}")
+    return lines
+
+
+def in_words(changes: list, stage=None, current: dict | None = None) -> list[str]:
+    """DVC's status entries of one stage as sentences: which code files, data
+    and (given the stage and params.yaml's values) params by key changed."""
+    words = []
+    for change in changes:
+        if isinstance(change, str):
+            words.append(change)
+            continue
+        for kind, entries in change.items():
+            if not isinstance(entries, dict):
+                words.append(f"{kind}: {entries}")
+                continue
+            for path, state in entries.items():
+                if path == "params.yaml":
+                    keys = changed_params(stage, current) if stage is not None else []
+                    words += [f"param {line}" for line in keys] or [f"params changed: {state}"]
+                elif kind == "changed outs":
+                    words.append(f"output {path}: {state}")
+                elif path.endswith(".py") or path.startswith("mirage/model_configs"):
+                    words.append(f"code {path}: {state}")
+                else:
+                    words.append(f"input {path}: {state}")
+    return words
+
+
+@dataclass
+class Status:
+    stale: dict[str, list[str]]  # stage -> why, in words
+    downstream: list[str]  # stages that will run after them, their inputs changed
+    frozen: dict[str, list[str]]  # frozen stage -> deps changed since it was trained
+
+
+def explain(root: Path) -> Status:
+    """What `mirage run` would do and why: DVC's status in words, with the
+    changed parameter keys, and the stages downstream of the stale ones."""
+    import networkx as nx
+    import yaml
+
+    from dvc.repo import lock_repo
+
+    current = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    with _repo(root) as repo, lock_repo(repo):
+        stages = {s.name: s for s in stage_order(repo)}
+        why = {}
+        for name, stage in stages.items():
+            changes = [] if stage.frozen else stage.status().get(stage.addressing, [])
+            if changes:
+                why[name] = in_words(changes, stage, current)
+        frozen = {}
+        for name, stage in stages.items():
+            if stage.frozen and not any(out.hash_info for out in stage.outs):
+                frozen[name] = ["not recorded in dvc.lock (committed outside DVC, or never trained here)"]
+            elif stage.frozen:
+                stage.frozen = False  # in memory only: what changed since the models were trained
+                changes = stage.status().get(stage.addressing, [])
+                stage.frozen = True
+                if changes:
+                    frozen[name] = in_words(changes, stage, current)
+        graph = repo.index.graph  # edges point upstream
+        later = set()
+        for name in why:
+            later |= {s.name for s in nx.ancestors(graph, stages[name]) if s.cmd}
+        downstream = [n for n in stages if n in later and n not in why and not stages[n].frozen]
+    return Status({n: why[n] for n in stages if n in why}, downstream, frozen)
+
+
+def run_stage_inprocess(cmd: str):
+    """Run `python -m flows.X ARGS` from dvc.yaml in this process (never via a
+    shell); returns what the stage's flow returned."""
     argv = shlex.split(cmd)
     if len(argv) < 3 or argv[:2] != ["python", "-m"] or not argv[2].startswith("flows."):
         raise ValueError(f"stage command {cmd!r} is not 'python -m flows.<stage> ...'")
-    importlib.import_module(argv[2]).main(argv[3:])
+    return importlib.import_module(argv[2]).main(argv[3:])
 
 
-def _pipeline(root: str, force: bool) -> list[StageResult]:
+def restore_from_run_cache(repo, stage) -> bool:
+    """Check out a whole-output stage's outputs from DVC's run-cache when it
+    already ran with these exact deps and params (what `dvc repro` does), e.g.
+    after switching a model and back.  Item stages (`persist` outputs) never
+    qualify: their stores reuse items instead."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    try:
+        repo.stage_cache.restore(stage)
+    except RunCacheNotFoundError:
+        return False
+    return True
+
+
+def _pipeline(root: str, force: bool, train: tuple[str, ...] = ()) -> list[StageResult]:
     from dvc.repo import lock_repo
     from prefect import get_run_logger
 
@@ -87,33 +204,55 @@ def _pipeline(root: str, force: bool) -> list[StageResult]:
     results = []
     with lock_repo(repo):
         for stage in stage_order(repo):
+            if stage.frozen and stage.name not in train:
+                results.append(StageResult(stage.name, ran=False))
+                continue
             why = describe(repo.status(targets=[stage.addressing]))
-            if not why and not force:
+            if not why and not force and stage.name not in train:
                 results.append(StageResult(stage.name, ran=False))
                 continue
             log.info("stage %s: running (%s)", stage.name, "; ".join(why.get(stage.name, ["forced"]))[:500])
             start = time.perf_counter()
-            run_stage_inprocess(stage.cmd)
+            restored = not force and stage.name not in train and restore_from_run_cache(repo, stage)
+            output = None if restored else run_stage_inprocess(stage.cmd)
             repo.commit(stage.addressing, force=True)
+            if not restored:
+                repo.stage_cache.save(repo.stage.get_target(stage.addressing))  # a later switch back restores it
             repo._reset()  # re-read dvc.lock before the next stage's status
-            results.append(StageResult(stage.name, True, time.perf_counter() - start, why.get(stage.name, [])))
+            if restored:
+                log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
+            results.append(StageResult(stage.name, True, time.perf_counter() - start, why.get(stage.name, []),
+                                       output, restored))
     return results
 
 
-def run(root: str | Path = ".", overrides: dict | None = None, force: bool = False) -> list[StageResult]:
-    """Apply `-S` overrides to params.yaml, validate it, then run what is stale."""
+def run(root: str | Path = ".", overrides: dict | None = None, force: bool = False,
+        train: tuple[str, ...] = ()) -> list[StageResult]:
+    """Apply `-S` overrides to params.yaml, validate it, then run what is stale.
+    `train` names frozen stages (train_generator, train_encoder) to rerun too;
+    `force` reruns every stage that is not frozen."""
+    from mirage.model_checks import check_models
+
     root = Path(root).resolve()
     with contextlib.chdir(root):
+        params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
         if overrides:
+            check_models(params)  # and models that cannot be loaded, before params.yaml changes
             params_mod.write_overrides("params.yaml", overrides)
-        params_mod.load("params.yaml")  # bad params fail here, before any work
-        if not force and not stale(root):
-            with _repo(root) as repo:
+        with _repo(root) as repo:
+            frozen = {s.name for s in repo.index.stages if s.frozen}
+            if set(train) - frozen:
+                raise PipelineError(f"not a frozen training stage: {sorted(set(train) - frozen)} (frozen: {sorted(frozen)})")
+            if not train:
+                check_frozen_outputs(repo)
+            if not force and not train and not stale(root):
                 return [StageResult(s.name, ran=False) for s in stage_order(repo)]
+        if not overrides:
+            check_models(params)  # only now: a run with nothing stale stays as cheap as `dvc status`
         from prefect import flow
 
         pipeline = flow(name="mirage-pipeline", log_prints=True)(_pipeline)
-        return pipeline(str(root), force)
+        return pipeline(str(root), force, tuple(train))
 
 
 def summary(root: str | Path, results: list[StageResult], seconds: float) -> str:
@@ -121,7 +260,14 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
     ran = [r for r in results if r.ran]
     lines = [f"mirage: {len(ran)} stage(s) ran, {len(results) - len(ran)} up to date, {seconds:.1f} s"]
     for r in results:
-        lines.append(f"  {r.name:<15} {'ran ' + format(r.seconds, '.1f') + ' s' if r.ran else 'up to date'}")
+        if not r.ran:
+            lines.append(f"  {r.name:<15} up to date")
+        elif r.restored:
+            lines.append(f"  {r.name:<15} restored from DVC's run-cache in {r.seconds:.1f} s")
+        else:
+            counts = r.result if isinstance(r.result, dict) and "computed" in r.result else None
+            detail = f" ({counts['computed']} of {counts['items']} items computed)" if counts and "items" in counts else ""
+            lines.append(f"  {r.name:<15} ran {r.seconds:.1f} s{detail}")
     metrics = root / "metrics" / "evaluate.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
@@ -131,7 +277,7 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             f"{m['discovery']['corloc_random_weights']:.3f}; {m['discovery']['backbone']})",
             f"  detector AP50 / AP    {m['detector']['ap50']:.3f} / {m['detector']['ap']:.3f}  (class-agnostic, toy test split)",
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
-            f"  prompt alignment      {m['generation']['prompt_alignment']:.3f}",
+            f"  prompt alignment      {m['generation']['prompt_alignment'] or float('nan'):.3f}",
         ]
     lines.append("outputs: data/ (tables), models/ (weights), metrics/, plots/ — `dvc metrics show`, `dvc plots show`")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from mirage import params as params_mod
@@ -40,6 +41,34 @@ class _Bar(tqdm):
 def progress(total: int, desc: str, unit: str = "item") -> tqdm:
     """A progress bar on stderr (with items/s) that stays quiet when nothing is to be done."""
     return _Bar(total=total, desc=desc, unit=unit, disable=total == 0, leave=False, mininterval=1.0)
+
+
+class LossProgress:
+    """The `on_step(step, loss)` callback of a training loop: a bar showing the
+    running mean loss (over `window` steps), and a log line every `log_every`
+    steps.  Use as a context manager; `losses` keeps every step's loss."""
+
+    def __init__(self, steps: int, desc: str, window: int = 20, log_every: int = 0, log=None):
+        self.bar = progress(steps, desc)
+        self.window, self.log_every, self.log = window, log_every, log
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.mean():.4f}")
+        if self.log and self.log_every and step % self.log_every == 0:
+            self.log.info("step %d loss %.4f", step, self.mean())
+
+    def mean(self, last: int | None = None) -> float:
+        """Mean loss of the last `last` steps (default: the window)."""
+        return float(np.mean(self.losses[-(last or self.window):]))
+
+    def __enter__(self) -> "LossProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 POOL_ENV = "MIRAGE_POOL"

@@ -18,7 +18,9 @@ memory holds a few batches, not the table.
 Pool: rows that stop being wanted can be kept in a pool directory outside the
 output (e.g. the features of the previous encoder), so switching back restores
 them instead of recomputing; the output itself stays identical to a
-from-scratch run.
+from-scratch run.  The pool keeps one subdirectory per table schema (an
+encoder of another width, another patch backbone), so rows of any schema can
+be kept and found again.
 """
 from __future__ import annotations
 
@@ -171,20 +173,25 @@ class ShardStore:
         path = self.root / MANIFEST
         return json.loads(path.read_text()) if path.exists() else {"shards": []}
 
+    def _pool_dir(self, schema: pa.Schema) -> Path:
+        """The pool's subdirectory for rows of `schema` (metadata aside)."""
+        return self.pool / f"schema-{schema_digest(schema)}"
+
     def _index(self) -> dict[str, tuple[Path, int]]:
-        """key -> (file, row) over the current shards and finished work batches."""
+        """key -> (file, row) over the current shards, finished work batches and
+        the pool's rows of this table's schema."""
         index: dict[str, tuple[Path, int]] = {}
         files = [self.root / s["file"] for s in self.manifest()["shards"]]
         work = self.root / WORK
         if work.exists():
             files += sorted(work.glob("batch-*.parquet"))
-        if self.pool and self.pool.exists():
-            files += sorted(self.pool.glob("kept-*.parquet"))
+        if self.pool and self._pool_dir(self.schema).exists():
+            files += sorted(self._pool_dir(self.schema).glob("kept-*.parquet"))
         for f in files:
             if not f.exists():
                 continue
             if f.parent != self.root and pq.read_schema(f).remove_metadata() != self.schema.remove_metadata():
-                continue  # work or pool rows of another schema (an older version, another encoder)
+                continue  # work rows of another schema (an older version, another encoder)
             for row, key in enumerate(pq.read_table(f, columns=["key"]).column("key").to_pylist()):
                 index.setdefault(key, (f, row))
         return index
@@ -214,7 +221,7 @@ class ShardStore:
         index = self._index()
         missing = [(k, s) for k, s in wanted if k not in index]
         work = self.root / WORK
-        pooled = sum(1 for k, _ in wanted if k in index and self.pool and index[k][0].parent == self.pool)
+        pooled = sum(1 for k, _ in wanted if k in index and self._pooled(index[k][0]))
         chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
         make = prepare or (lambda specs: specs)
         ahead = prefetch if prepare else 0
@@ -233,20 +240,33 @@ class ShardStore:
         old_keys = set(self._manifest_keys())
         dropped = old_keys - set(keys)
         if self.pool and dropped:
-            self._keep(sorted(k for k in dropped if index[k][0].parent != self.pool), index)
+            self._keep(sorted(dropped), index)
         self._finalize(keys, index)
         return UpdateStats(len(wanted), reused, len(missing), len(dropped), pooled)
 
-    def _keep(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
-        """Copy no-longer-wanted rows into the pool before the output drops them."""
-        if keys:
-            self._write(self.pool / f"kept-{item_key(keys, self.metadata)[:16]}.parquet", keys, index)
+    def _pooled(self, path: Path) -> bool:
+        return bool(self.pool) and path.parent.parent == self.pool
+
+    def _keep(self, dropped: list[str], index: dict[str, tuple[Path, int]]) -> None:
+        """Copy no-longer-wanted rows (the old output's) into the pool before the
+        output drops them, each under its own schema: rows of the previous
+        encoder keep theirs."""
+        by_schema: dict[str, tuple[pa.Schema, list[str]]] = {}
+        schemas: dict[Path, pa.Schema] = {}
+        for key in dropped:
+            src = index[key][0]
+            if src not in schemas:
+                schemas[src] = pq.read_schema(src)
+            by_schema.setdefault(schema_digest(schemas[src]), (schemas[src], []))[1].append(key)
+        for digest, (schema, keys) in by_schema.items():
+            name = f"kept-{item_key(keys, digest)[:16]}.parquet"
+            self._write(self._pool_dir(schema) / name, keys, index, schema)
 
     def _manifest_keys(self) -> Iterator[str]:
         for shard in self.manifest()["shards"]:
             yield from shard["keys"]
 
-    def _rows(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> Iterator[pa.Table]:
+    def _rows(self, keys: list[str], index: dict[str, tuple[Path, int]], schema: pa.Schema) -> Iterator[pa.Table]:
         """The rows of `keys`, in order, as tables of up to `group_rows` rows,
         holding one source file and one group in memory at a time."""
         pieces: list[pa.Table] = []
@@ -258,21 +278,25 @@ class ShardStore:
                 cache[src] = pq.read_table(src)
             pieces.append(cache[src].slice(row, 1))
             if len(pieces) == self.group_rows:
-                yield pa.concat_tables(pieces).cast(self.schema).combine_chunks()
+                yield pa.concat_tables(pieces).cast(schema).combine_chunks()
                 pieces = []
         if pieces:
-            yield pa.concat_tables(pieces).cast(self.schema).combine_chunks()
+            yield pa.concat_tables(pieces).cast(schema).combine_chunks()
 
-    def _write(self, path: Path, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
+    def _write(self, path: Path, keys: list[str], index: dict[str, tuple[Path, int]],
+               schema: pa.Schema | None = None) -> None:
         """One shard, written a row group at a time (fixed group size, so the
-        bytes depend on the rows only, not on where they came from)."""
+        bytes depend on the rows only, not on where they came from).  `schema`:
+        the rows' own (pool rows of an earlier encoder); default the table's."""
+        schema = schema or self.schema
+        options = self.options if schema is self.schema else parquet_options(schema)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(tmp, self.schema, **self.options) as writer:
-            for group in self._rows(keys, index):
+        with pq.ParquetWriter(tmp, schema, **options) as writer:
+            for group in self._rows(keys, index, schema):
                 writer.write_table(group, row_group_size=self.group_rows)
             if not keys:
-                writer.write_table(self.schema.empty_table())
+                writer.write_table(schema.empty_table())
         os.replace(tmp, path)
 
     def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
@@ -289,6 +313,15 @@ class ShardStore:
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def schema_digest(schema: pa.Schema) -> str:
+    """A short hash of a schema's columns and types as Parquet stores them
+    (metadata left out; a list's item field reads back named `element`)."""
+    buf = io.BytesIO()
+    pq.write_table(schema.remove_metadata().empty_table(), buf)
+    stored = pq.read_schema(io.BytesIO(buf.getvalue())).remove_metadata()
+    return hashlib.sha256(stored.to_string().encode()).hexdigest()[:12]
 
 
 def read_table(root: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -76,25 +76,18 @@ def discover_dataset(backbone, size: int, items: list[CocoImage], cfg) -> list[d
     pixels, best cut first.  The whole image is resized to size x size (no crop,
     so every pixel maps back), cut on the backbone's patch grid (`cfg` is a
     Discover section), and the masks are mapped back to the original size."""
-    from tasks.discover import cut_to_object, discover_objects
+    from tasks.evaluate import discovered_boxes
 
     out = []
     for chunk, arrays in read_images(items):
         resized = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in arrays])
-        patches, grid = backbone.patches(resized)
-        for it, feats in zip(chunk, patches):
-            cuts = discover_objects(feats, grid, cfg)
-            boxes = [cut_to_object(c, it.height, it.width)[1] for c in cuts]
-            out.append({"boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4),
-                        "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+        out += discovered_boxes(backbone, resized, [(it.height, it.width) for it in chunk], cfg)
     return out
 
 
 def evaluate_discovery(backbone, size: int, items: list[CocoImage], cfg, iou: float = 0.5) -> dict[str, float]:
     """CorLoc of the top discovered box, and class-agnostic COCO AP of all of them."""
-    from tasks.evaluate import coco_detection, corloc
+    from tasks.evaluate import discovery_metrics
 
     found = discover_dataset(backbone, size, items, cfg)
-    top = [f["boxes"][0].tolist() if len(f["boxes"]) else [0.0, 0.0, 0.0, 0.0] for f in found]
-    stats, _ = coco_detection([it.boxes for it in items], found, [(it.height, it.width) for it in items])
-    return {"corloc": corloc(top, [it.boxes for it in items], iou), **{k.lower(): v for k, v in stats.items()}}
+    return discovery_metrics(found, [it.boxes for it in items], [(it.height, it.width) for it in items], iou)

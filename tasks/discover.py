@@ -99,11 +99,11 @@ def maskcut(
     eps: float,
     max_objects: int,
     min_area: float = 0.01,
-    max_overlap: float = 0.5,
 ) -> list[Cut]:
     """Up to `max_objects` cuts: after each, the found patches leave the graph
-    and the rest is cut again.  A mask covering <= `min_area` of the grid, or
-    with IoU > `max_overlap` with an earlier one, is dropped."""
+    and the rest is cut again, so masks never overlap (MaskCut's IoU > 0.5
+    filter matters only after pixel-level refinement, which mirage does not
+    do).  A mask covering <= `min_area` of the grid is dropped."""
     graph = affinity(features, tau, eps)
     remaining = np.arange(len(features))
     cuts: list[Cut] = []
@@ -114,8 +114,6 @@ def maskcut(
         mask = foreground(x, grid, remaining, corner_rule=max_objects > 1)
         remaining = remaining[~mask.reshape(-1)[remaining]]
         if mask.mean() <= min_area:
-            continue
-        if any((mask & c.patch_mask).sum() / (mask | c.patch_mask).sum() > max_overlap for c in cuts):
             continue
         cuts.append(Cut(patch_mask=mask, eigenvalue=value))
     return cuts
@@ -163,4 +161,4 @@ def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[C
     """The cuts `cfg` (a Discover section) asks for, on one image's N x C patch features."""
     if cfg.method == "tokencut":
         return [tokencut(features, grid, cfg.tau, cfg.eps)]
-    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area, cfg.max_overlap)
+    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area)

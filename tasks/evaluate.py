@@ -114,3 +114,67 @@ def prompt_alignment(image_emb: np.ndarray, text_emb: np.ndarray, prompted: list
     if len(prompted) == 0:
         return 0.0
     return float(np.mean((image_emb @ text_emb.T).argmax(1) == np.asarray(prompted)))
+
+
+def discovered_boxes(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfg) -> list[dict[str, np.ndarray]]:
+    """Objects discovered in a batch: `images` uint8 B x S x S x 3 at the
+    backbone's input size, `sizes` each image's own (height, width), `cfg` a
+    Discover section.  Per image, boxes (x, y, w, h) in its own pixels, best
+    cut first, with their scores (1 - the cut's eigenvalue)."""
+    from tasks.discover import cut_to_object, discover_objects
+
+    patches, grid = backbone.patches(images)
+    out = []
+    for feats, (h, w) in zip(patches, sizes):
+        cuts = discover_objects(feats, grid, cfg)
+        out.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts], dtype=np.float64).reshape(-1, 4),
+                    "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+    return out
+
+
+def top_box(found: dict[str, np.ndarray]) -> list[float]:
+    """The best discovered box, or an empty one (a CorLoc miss)."""
+    return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
+
+
+def discovery_metrics(found: list[dict[str, np.ndarray]], gt_boxes: list[list[list[float]]],
+                      sizes: list[tuple[int, int]], iou: float = 0.5) -> dict[str, float]:
+    """CorLoc of the top discovered box and class-agnostic COCO AP of all of them."""
+    stats, _ = coco_detection(gt_boxes, found, sizes)
+    return {"corloc": corloc([top_box(f) for f in found], gt_boxes, iou), **{k.lower(): v for k, v in stats.items()}}
+
+
+def detector_metrics(model, detections: list[dict[str, np.ndarray]], gt_boxes, sizes, gt_labels=None,
+                     gt_masks=None) -> tuple[dict, np.ndarray]:
+    """One detector's class-agnostic COCO metrics (and class-aware ones for a
+    head with several classes, mask AP for Mask R-CNN) and its PR curve."""
+    coco, pr = coco_detection(gt_boxes, detections, sizes)
+    result = {k.lower(): v for k, v in coco.items()}
+    n_classes = model.roi_heads.box_predictor.cls_score.out_features - 1
+    if n_classes > 1 and gt_labels is not None:
+        aware, _ = coco_detection(gt_boxes, detections, sizes, gt_labels, n_classes)
+        result["class_aware"] = {k.lower(): v for k, v in aware.items()}
+    if gt_masks is not None and detections and "masks" in detections[0]:
+        masked, _ = coco_segmentation(gt_masks, detections, sizes)
+        result["mask"] = {k.lower(): v for k, v in masked.items()}
+    return result, pr
+
+
+def draw_grid(images: np.ndarray, gt: list, found: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
+    """PNG of images with ground truth (green), discovered (yellow) and detected (red) boxes."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for img, g, f, p in zip(images, gt, found, pred):
+        tile = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+        draw = ImageDraw.Draw(tile)
+        for color, boxes in (("lime", g), ("yellow", f), ("red", p)):
+            for x, y, w, h in boxes:
+                draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=color)
+        tiles.append(np.asarray(tile))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[r : r + cols], 1) for r in range(0, len(tiles), cols)], 0)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from mirage.generators import GenerationItem
 from mirage.store import item_key
 
-VERSION = 2  # bump when sampling changes: it is part of every image's key
+VERSION = 3  # bump when sampling changes: it is part of every image's key (3: guidance as two passes)
 
 
 def item_seed(base_seed: int, prompt: str, index: int) -> int:

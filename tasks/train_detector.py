@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -145,10 +145,8 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    warmup = max(steps // 10, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
+    # linear warmup over the first 1/10 of the steps, then cosine decay to 0
+    sched = get_cosine_schedule_with_warmup(opt, max(steps // 10, 1), steps)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     width = images.shape[2]
     for step in range(steps):

@@ -1,12 +1,11 @@
 """Train the toy profile's small open_clip model contrastively on captions."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
-import open_clip
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 import torch.nn.functional as F
 
 from mirage.models import Encoder, load_encoder
@@ -27,10 +26,8 @@ def train(
     tokens = encoder.tokenizer(captions)
     _, caption_ids = np.unique(captions, return_inverse=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
-    warmup = max(cfg.steps // 10, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    )
+    # linear warmup over the first 1/10 of the steps, then cosine decay to 0
+    sched = get_cosine_schedule_with_warmup(opt, max(cfg.steps // 10, 1), cfg.steps)
     for step in range(cfg.steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         batch = images[idx]

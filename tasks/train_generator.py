@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -46,10 +46,8 @@ def train(
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    warmup = max(cfg.steps // 20, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    )
+    # linear warmup over the first 1/20 of the steps, then cosine decay to 0
+    sched = get_cosine_schedule_with_warmup(opt, max(cfg.steps // 20, 1), cfg.steps)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     targets = torch.from_numpy(labels).long()
     null = len(class_names)

@@ -6,34 +6,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+
+import mirage  # noqa: F401 - its Prefect settings (no telemetry, startup timeout) before any server starts
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny values for every stage: the whole loop in seconds on one core.
+# Small values for every stage: the whole loop in about a minute on 2 cores,
+# with the committed toy models (frozen stages), so its quality is measurable.
 TINY = {
-    "toyworld": {"train": {"n": 48}, "test": {"n": 12}},
-    "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},
+    "toyworld": {"train": {"n": 48}, "test": {"n": 40}},
+    "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},  # `mirage train` tests
     "train_encoder": {"steps": 2, "batch_size": 8},
-    "generate": {"per_prompt": 2, "steps": 2, "batch_size": 4},
-    "features": {"batch_size": 4},
-    "train_detector": {"steps": 2, "batch_size": 4, "self_train_steps": 2, "class_aware": True},
+    "generate": {"per_prompt": 8, "steps": 10, "batch_size": 8},
+    "features": {"batch_size": 8},
+    "train_detector": {"steps": 60, "batch_size": 8, "self_train_steps": 30, "class_aware": True},
     "evaluate": {"grid_images": 4},
 }
-
-
-def merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-@pytest.fixture(scope="session")
-def tiny_params() -> dict:
-    return merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,16 +34,37 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-@pytest.fixture
-def tiny_project(tmp_path: Path, tiny_params: dict) -> Path:
-    """A copy of the project's pipeline (dvc.yaml, stage code) with tiny params, DVC-initialised."""
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def make_project(parent: Path, values: dict) -> Path:
+    """A copy of the project's pipeline (dvc.yaml, stage code, the committed toy
+    models) with `values` set in its params.yaml, DVC-initialised."""
     from dvc.repo import Repo
 
-    root = tmp_path / "project"
+    from mirage.params import write_overrides
+
+    root = parent / "project"
     root.mkdir()
     shutil.copy(ROOT / "dvc.yaml", root)
-    for pkg in ("flows", "tasks", "mirage"):
+    for pkg in ("flows", "tasks", "mirage", "models/generator", "models/encoder"):
         shutil.copytree(ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    shutil.copy(ROOT / "params.yaml", root)
+    write_overrides(root / "params.yaml", flatten(values))  # the project's own round-trip writer
     Repo.init(str(root), no_scm=True).close()
     return root
+
+
+@pytest.fixture(scope="session")
+def new_project():
+    """make_project, for fixtures of other scopes."""
+    return make_project
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    return make_project(tmp_path, TINY)

@@ -75,3 +75,32 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
             raise RuntimeError("crash while saving")
     assert (out / "w").read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+WIDE = pa.schema([("key", pa.string()), ("value", pa.list_(pa.float32(), 3))])
+
+
+def wide(specs):
+    return pa.table({"key": [f"w{s}" for s in specs], "value": [[float(s)] * 3 for s in specs]}, schema=WIDE)
+
+
+def test_pool_keeps_rows_of_any_schema_and_switching_back_computes_nothing(tmp_path):
+    """Switching to a table of another schema (an encoder of another width) and
+    back: the first rows wait in the pool under their own schema."""
+    out, pool = tmp_path / "out", tmp_path / "pool"
+    narrow = lambda: ShardStore(out, SCHEMA, {"stage": "test"}, shard_rows=4, pool=pool)  # noqa: E731
+    narrow().update(wanted(6), Counter(), batch_size=4)
+    first = files(out)
+    stats = ShardStore(out, WIDE, {"stage": "test"}, shard_rows=4, pool=pool).update(
+        [(f"w{i}", i) for i in range(6)], wide, batch_size=4)
+    assert stats.computed == 6 and stats.dropped == 6
+    assert len(list(pool.glob("schema-*"))) == 1  # the narrow rows, under their schema
+    back = Counter()
+    stats = narrow().update(wanted(6), back, batch_size=4)
+    assert back.computed == [] and stats.restored == 6
+    assert files(out) == first  # byte-identical to the first run
+    assert not (out / ".work").exists()
+    again = ShardStore(out, WIDE, {"stage": "test"}, shard_rows=4, pool=pool).update(
+        [(f"w{i}", i) for i in range(6)], wide, batch_size=4)
+    assert again.computed == 0 and again.restored == 6  # and the wide rows wait there too
+    assert len(list(pool.glob("schema-*"))) == 2
