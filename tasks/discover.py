@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.sparse.linalg import LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
 from mirage.images import mask_to_box
 from mirage.models import Encoder
@@ -38,11 +38,7 @@ def fiedler(graph: np.ndarray) -> tuple[np.ndarray, float]:
     deterministic sign (its largest-magnitude entry positive), and lambda."""
     n = len(graph)
     if n <= DENSE_MAX_NODES:
-        d = graph.sum(1, dtype=np.float64)
-        d_inv_sqrt = 1.0 / np.sqrt(d)
-        normalized = graph.astype(np.float64) * d_inv_sqrt[:, None] * d_inv_sqrt[None, :]
-        values, vectors = np.linalg.eigh(normalized)
-        mu, v = values[-2], vectors[:, -2]
+        mu, v, d_inv_sqrt = _dense_fiedler(graph)
     else:
         # Lanczos (ARPACK) on D^-1/2 A D^-1/2 without forming it: each matvec is
         # s * (A @ (s * x)) on the float32 graph, so the only pass over the N x N
@@ -60,12 +56,24 @@ def fiedler(graph: np.ndarray) -> tuple[np.ndarray, float]:
             return s32 * (a @ (s32 * x)) - top * (top @ x)
 
         op = LinearOperator((n, n), matvec=matvec, dtype=np.float32)
-        values, vectors = eigsh(op, k=1, which="LA", v0=np.ones(n, dtype=np.float32), tol=1e-6, ncv=8)
-        mu, v = float(values[0]), vectors[:, 0].astype(np.float64)
+        try:
+            values, vectors = eigsh(op, k=1, which="LA", v0=np.ones(n, dtype=np.float32), tol=1e-6, ncv=8)
+            mu, v = float(values[0]), vectors[:, 0].astype(np.float64)
+        except ArpackError:  # e.g. a graph of equal degrees: the deflated start vector is zero
+            mu, v, d_inv_sqrt = _dense_fiedler(graph)
     x = v * d_inv_sqrt
     if x[np.argmax(np.abs(x))] < 0:
         x = -x
     return x, float(1.0 - mu)
+
+
+def _dense_fiedler(graph: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mu, v, D^-1/2): the second-largest eigenpair of D^-1/2 A D^-1/2, dense float64."""
+    d = graph.sum(1, dtype=np.float64)
+    d_inv_sqrt = 1.0 / np.sqrt(d)
+    normalized = graph.astype(np.float64) * d_inv_sqrt[:, None] * d_inv_sqrt[None, :]
+    values, vectors = np.linalg.eigh(normalized)
+    return float(values[-2]), vectors[:, -2], d_inv_sqrt
 
 
 def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, float]:

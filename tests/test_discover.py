@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 
 from mirage.images import decode_mask, encode_mask
@@ -89,3 +90,25 @@ def test_maskcut_drops_tiny_masks():
     cuts = maskcut(feats, (16, 16), 0.2, 1e-5, max_objects=3, min_area=0.01)
     assert all(c.patch_mask.sum() > 2 for c in cuts)
     assert any(np.array_equal(c.patch_mask, labels == 1) for c in cuts)
+
+
+def test_an_arpack_failure_falls_back_to_the_dense_cut(monkeypatch):
+    """Seen with tau 0.3 on UNet features: ARPACK stops with 'starting vector
+    is zero'.  The cut then takes the dense solver's answer instead of failing."""
+    from scipy.sparse.linalg import ArpackError
+
+    import tasks.discover as discover
+
+    n = discover.DENSE_MAX_NODES + 24
+    rng = np.random.default_rng(0)
+    graph = np.where(rng.random((n, n)) < 0.5, 1.0, 1e-5).astype(np.float32)
+    graph = np.maximum(graph, graph.T)
+    expected, value = discover.fiedler(graph)
+
+    def fail(*args, **kwargs):
+        raise ArpackError(-9)
+
+    monkeypatch.setattr(discover, "eigsh", fail)
+    x, dense_value = discover.fiedler(graph)
+    assert dense_value == pytest.approx(value, abs=1e-4)
+    assert abs(np.dot(x, expected) / np.linalg.norm(x) / np.linalg.norm(expected)) > 0.99
