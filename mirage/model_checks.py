@@ -45,10 +45,12 @@ def check_encoder(params: Params, root: Path) -> None:
     rest = value.removeprefix("timm:")
     timm = value.startswith("timm:")
     if rest.startswith("random:"):
-        arch, _, seed = rest.removeprefix("random:").rpartition(":")
-        if not seed.lstrip("-").isdigit():
-            raise ParamsError(f"{key}: {value!r}: expected {'timm:' if timm else ''}random:ARCH:SEED")
-        rest = arch
+        from mirage.models import random_spec
+
+        try:
+            rest = random_spec(rest)[0]
+        except ValueError:
+            raise ParamsError(f"{key}: {value!r}: expected {'timm:' if timm else ''}random:ARCH:SEED") from None
     if rest.startswith("local-dir:") or (not timm and _looks_local(rest, root)):
         path = root / rest.removeprefix("local-dir:")
         if not path.is_dir():

@@ -208,7 +208,7 @@ def load_encoder(name: str, device: torch.device | None = None, dtype: str = "au
     if name.startswith("timm:"):
         return _load_timm(name, device, dtype)
     if name.startswith("random:"):
-        arch, seed = _random_spec(name)
+        arch, seed = random_spec(name)
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
                                                                      load_weights=False)
@@ -250,7 +250,7 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     rest = name.removeprefix("timm:")
     kwargs = {}
     if rest.startswith("random:"):
-        arch, seed = _random_spec(rest)
+        arch, seed = random_spec(rest)
         torch.manual_seed(seed)
         source, pretrained = arch, False
         if arch.startswith("local-dir:"):  # the saved model's architecture, with random weights
@@ -284,7 +284,7 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     )
 
 
-def _random_spec(name: str) -> tuple[str, int]:
+def random_spec(name: str) -> tuple[str, int]:
     """`random:ARCH:SEED` -> (ARCH, SEED); ARCH may itself hold colons (`local-dir:PATH`)."""
     arch, _, seed = name.removeprefix("random:").rpartition(":")
     if not arch or not seed.lstrip("-").isdigit():
@@ -298,7 +298,7 @@ def random_twin(spec: str, seed: int) -> str:
     timm = spec.startswith("timm:")
     rest = spec.removeprefix("timm:")
     if rest.startswith("random:"):
-        arch = _random_spec(rest)[0]
+        arch = random_spec(rest)[0]
     elif rest.startswith("local-dir:") or timm:
         arch = rest  # a saved directory (its config gives the architecture) or a timm model name
     else:
