@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mirage.devices import resolve_device
 from mirage.fingerprint import encoder_spec
@@ -85,20 +84,6 @@ def write_plots(plots: str, curves: list[np.ndarray], grid_png: bytes) -> None:
     atomic_write_bytes(plot_dir / "detections.png", grid_png)
 
 
-def publish(result: dict) -> None:
-    """The metrics as Prefect artifacts (a table and a markdown summary)."""
-    d, rounds = result["discovery"], result["detector"]["rounds"]
-    table = [
-        {"metric": f"discovery CorLoc ({d['backbone']}, {d['encoder']})", "value": round(d["corloc"], 4)},
-        {"metric": "discovery CorLoc (same backbone, random weights)", "value": round(d["corloc_random_weights"], 4)},
-        *({"metric": f"detector AP50 round {r} (class-agnostic)", "value": round(m["ap50"], 4)} for r, m in enumerate(rounds)),
-        {"metric": "detector AP (class-agnostic, last round)", "value": round(rounds[-1]["ap"], 4)},
-        {"metric": "prompt alignment", "value": round(result["generation"]["prompt_alignment"] or 0.0, 4)},
-    ]
-    create_table_artifact(table, key="mirage-metrics", description="mirage evaluate")
-    create_markdown_artifact("\n".join(f"- **{r['metric']}**: {r['value']}" for r in table), key="mirage-summary")
-
-
 @flow(name="evaluate")
 def evaluate_flow(params: Params, test: str, images: str, features: str, detector: str, metrics: str,
                   plots: str) -> dict:
@@ -124,7 +109,6 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
     n = min(cfg.grid_images, len(gt["images"]))
     top = [[d["boxes"][0].tolist()] if len(d["boxes"]) else [] for d in dets[:n]]
     write_plots(plots, curves, draw_grid(gt["images"][:n], gt["boxes"][:n], [[top_box(f)] for f in learned[:n]], top))
-    publish(result)
     get_run_logger().info("metrics: %s", result)
     return result
 

@@ -33,6 +33,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from mirage.server import serve
+
+    return serve(args.root, args.host, args.port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mirage import params as params_mod
+    from mirage.server import connect
+
+    root = Path(args.root).resolve()
+    overrides = dict(parse_override(s) for s in args.set)
+    params_mod.load(root / "params.yaml", overrides)  # bad overrides fail now, not at 2 a.m.
+    if (args.cron is None) == (args.interval is None):
+        print("mirage serve: give one of --cron or --interval", file=sys.stderr)
+        return 2
+    if not connect(root):  # Prefect's temporary server has no scheduler
+        print("mirage serve: no Prefect server to schedule runs on: start `mirage server` in this project "
+              "first (or point PREFECT_API_URL at a running Prefect server)", file=sys.stderr)
+        return 2
+    from flows.pipeline import mirage_pipeline
+
+    mirage_pipeline.serve(
+        name=args.name, cron=args.cron, interval=args.interval, limit=1, global_limit=1,
+        parameters={"root": str(root), "overrides": overrides},
+        description=f"mirage pipeline of {root}: DVC decides what is stale; "
+                    + (f"overrides {overrides}" if overrides else "params.yaml as it is"))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mirage import params as params_mod
     from mirage import pipeline
@@ -112,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="retrain the committed toy models (frozen stages), then run what is stale")
     train.add_argument("models", nargs="*", metavar="{generator,encoder}", help="default: both")
     train.set_defaults(func=cmd_train)
+    server = sub.add_parser("server", help="run Prefect's server and dashboard for this project (foreground)")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    server.add_argument("--port", type=int, default=4200)
+    server.set_defaults(func=cmd_server)
+    serve = sub.add_parser("serve", help="run the pipeline on a schedule (a Prefect deployment served here)")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='e.g. "0 2 * * *" (UTC): every night at 2')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="parameters each scheduled run sets in params.yaml first")
+    serve.add_argument("--name", default="scheduled", help="the deployment's name (default: scheduled)")
+    serve.set_defaults(func=cmd_serve)
     status = sub.add_parser("status", help="show the stale stages and why")
     status.set_defaults(func=cmd_status)
     coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector (and --discovery CorLoc) on any COCO-format dataset")
@@ -132,12 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--images", default="data/generated", help="the images table (relative to --root)")
     find.set_defaults(func=cmd_search)
     args = parser.parse_args(argv)
-    from mirage.pipeline import PipelineError
+    from mirage.pipeline import PipelineError, StageFailed
 
     try:
         return args.func(args)
     except (ParamsError, PipelineError) as err:
         print(f"mirage: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"mirage: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if type(err).__name__ != "LockError":  # DVC's: a pipeline run or `dvc repro` holds the workspace
+            raise
+        print(f"mirage: another pipeline run or `dvc repro` is using this workspace: try again when it ends", file=sys.stderr)
         return 2
 
 

@@ -169,7 +169,20 @@ class Evaluate(Section):
     grid_images: int = Field(ge=0)
 
 
+class Alerts(Section):
+    webhook: str | None = None  # a failed pipeline run POSTs its stage and cause here as JSON
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v
+
+
 class Params(Section):
+    RUNTIME = frozenset({"alerts"})  # who hears of failures is not the experiment
+
     toyworld: Toyworld
     train_generator: TrainGenerator
     train_encoder: TrainEncoder
@@ -178,6 +191,7 @@ class Params(Section):
     discover: Discover
     train_detector: TrainDetector
     evaluate: Evaluate
+    alerts: Alerts = Alerts()
 
 
 class ParamsError(ValueError):

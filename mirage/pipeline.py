@@ -195,64 +195,131 @@ def restore_from_run_cache(repo, stage) -> bool:
     return True
 
 
-def _pipeline(root: str, force: bool, train: tuple[str, ...] = ()) -> list[StageResult]:
+class StageFailed(RuntimeError):
+    """A stage raised: the message names the stage, the items (where the store
+    knew them) and the cause, and becomes the failed run's state message."""
+
+    def __init__(self, stage: str, err: BaseException):
+        notes = "; ".join(getattr(err, "__notes__", []))
+        super().__init__(f"stage {stage} failed: {type(err).__name__}: {err}" + (f" ({notes})" if notes else ""))
+        self.stage, self.cause = stage, f"{type(err).__name__}: {err}"
+
+
+class WorkspaceBusy(PipelineError):
+    """Another pipeline run (or `dvc repro`) holds the workspace."""
+
+
+@contextlib.contextmanager
+def workspace_lock(repo):
+    """DVC's repo lock for the whole run: one pipeline run per workspace."""
+    from dvc.lock import LockError
     from dvc.repo import lock_repo
+
+    try:
+        cm = lock_repo(repo)
+        cm.__enter__()
+    except LockError:
+        raise WorkspaceBusy(f"another pipeline run or `dvc repro` is using {repo.root_dir} (DVC's lock "
+                            f".dvc/tmp/lock is held): this run did nothing; try again when it ends") from None
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None) -> list[StageResult]:
+    """Run every stale stage in dvc.yaml order in this process, each recorded
+    in dvc.lock as it finishes (`dvc commit`); `on_stage(repo, stage, result)`
+    is called after each one that ran.  Call inside a Prefect flow: each
+    stage's flow is then its child flow run."""
     from prefect import get_run_logger
+
+    import yaml
 
     log = get_run_logger()
     repo = _repo(Path(root))
     results = []
-    with lock_repo(repo):
+    with workspace_lock(repo):
+        frozen = {s.name for s in repo.index.stages if s.frozen}
+        if not force and not train and not set(describe(repo.status())) - frozen:  # one status call
+            return [StageResult(s.name, ran=False) for s in stage_order(repo)]
+        current = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
         for stage in stage_order(repo):
             if stage.frozen and stage.name not in train:
                 results.append(StageResult(stage.name, ran=False))
                 continue
-            why = describe(repo.status(targets=[stage.addressing]))
+            why = {stage.name: in_words(changes, stage, current)
+                   for changes in repo.status(targets=[stage.addressing]).values()}
             if not why and not force and stage.name not in train:
                 results.append(StageResult(stage.name, ran=False))
                 continue
             log.info("stage %s: running (%s)", stage.name, "; ".join(why.get(stage.name, ["forced"]))[:500])
             start = time.perf_counter()
             restored = not force and stage.name not in train and restore_from_run_cache(repo, stage)
-            output = None if restored else run_stage_inprocess(stage.cmd)
+            try:
+                output = None if restored else run_stage_inprocess(stage.cmd)
+            except Exception as err:
+                raise StageFailed(stage.name, err) from err
             repo.commit(stage.addressing, force=True)
             if not restored:
                 repo.stage_cache.save(repo.stage.get_target(stage.addressing))  # a later switch back restores it
             repo._reset()  # re-read dvc.lock before the next stage's status
             if restored:
                 log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
-            results.append(StageResult(stage.name, True, time.perf_counter() - start, why.get(stage.name, []),
-                                       output, restored))
+            result = StageResult(stage.name, True, time.perf_counter() - start, why.get(stage.name, []),
+                                 output, restored)
+            results.append(result)
+            if on_stage:
+                on_stage(repo, repo.stage.get_target(stage.addressing), result)
     return results
+
+
+def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = ()) -> params_mod.Params:
+    """Apply `-S` overrides to params.yaml and validate it; check the models
+    when the overrides change it (before params.yaml does).  Run in the root."""
+    from mirage.model_checks import check_models
+
+    params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
+    if overrides and params != params_mod.load("params.yaml"):  # a scheduled run's overrides are set once
+        check_models(params)  # and models that cannot be loaded, before params.yaml changes
+        params_mod.write_overrides("params.yaml", overrides)
+    with _repo(root) as repo:
+        frozen = {s.name for s in repo.index.stages if s.frozen}
+        if set(train) - frozen:
+            raise PipelineError(f"not a frozen training stage: {sorted(set(train) - frozen)} (frozen: {sorted(frozen)})")
+        if not train:
+            check_frozen_outputs(repo)
+    return params
 
 
 def run(root: str | Path = ".", overrides: dict | None = None, force: bool = False,
         train: tuple[str, ...] = ()) -> list[StageResult]:
-    """Apply `-S` overrides to params.yaml, validate it, then run what is stale.
-    `train` names frozen stages (train_generator, train_encoder) to rerun too;
-    `force` reruns every stage that is not frozen."""
+    """Apply `-S` overrides to params.yaml, validate it, then run what is stale
+    as one `mirage-pipeline` flow run (reported to the project's `mirage
+    server` when it is up).  `train` names frozen stages (train_generator,
+    train_encoder) to rerun too; `force` reruns every stage that is not frozen."""
     from mirage.model_checks import check_models
+    from mirage.server import connect
 
     root = Path(root).resolve()
     with contextlib.chdir(root):
-        params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
-        if overrides:
-            check_models(params)  # and models that cannot be loaded, before params.yaml changes
-            params_mod.write_overrides("params.yaml", overrides)
-        with _repo(root) as repo:
-            frozen = {s.name for s in repo.index.stages if s.frozen}
-            if set(train) - frozen:
-                raise PipelineError(f"not a frozen training stage: {sorted(set(train) - frozen)} (frozen: {sorted(frozen)})")
-            if not train:
-                check_frozen_outputs(repo)
-            if not force and not train and not stale(root):
-                return [StageResult(s.name, ran=False) for s in stage_order(repo)]
+        params = prepare(root, overrides, train)
+        if not force and not train:
+            try:
+                nothing = not stale(root)
+            except Exception as err:  # DVC's LockError: a run in progress
+                if type(err).__name__ == "LockError":
+                    raise WorkspaceBusy(f"another pipeline run or `dvc repro` is using {root}: try again when it ends") from None
+                raise
+            if nothing:
+                with _repo(root) as repo:
+                    return [StageResult(s.name, ran=False) for s in stage_order(repo)]
         if not overrides:
             check_models(params)  # only now: a run with nothing stale stays as cheap as `dvc status`
-        from prefect import flow
+        connect(root)
+        from flows.pipeline import mirage_pipeline
 
-        pipeline = flow(name="mirage-pipeline", log_prints=True)(_pipeline)
-        return pipeline(str(root), force, tuple(train))
+        return mirage_pipeline(str(root), force=force, train=list(train))
 
 
 def summary(root: str | Path, results: list[StageResult], seconds: float) -> str:

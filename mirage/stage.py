@@ -7,7 +7,10 @@ with the argv parsed from dvc.yaml, so paths live in dvc.yaml only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirage import params as params_mod
+from mirage.server import connect
 
 
 def parser(stage: str, paths: Sequence[str]) -> argparse.ArgumentParser:
@@ -27,15 +31,71 @@ def parser(stage: str, paths: Sequence[str]) -> argparse.ArgumentParser:
 
 def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple[params_mod.Params, argparse.Namespace]:
     args = parser(stage, paths).parse_args(argv)
-    return params_mod.load(args.params), args
+    params = params_mod.load(args.params)
+    connect(Path(args.params).resolve().parent)  # under `dvc repro`: report to the project's `mirage server` if up
+    experiment = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run` for its stage commands
+    if experiment:
+        from prefect import tags
+
+        _TAGS.enter_context(tags(f"exp:{experiment}"))  # this process runs one stage, then ends
+    return params, args
+
+
+_TAGS = contextlib.ExitStack()
 
 
 class _Bar(tqdm):
+    """tqdm on stderr, mirrored (inside a flow run) to a Prefect progress
+    artifact updated every few seconds, so the dashboard shows long stages move."""
+
+    ARTIFACT_EVERY = 3.0  # seconds between dashboard updates
+
+    def __init__(self, *args, **kwargs):
+        self._artifact = None
+        super().__init__(*args, **kwargs)
+        self._artifact = None if self.disable else _progress_artifact(self.desc, self.total)
+        self._reported = time.monotonic()
+
     def set_postfix(self, *args, **kwargs):
         # redraw only at tqdm's own pace (mininterval): a refresh on every call
         # floods logs when stderr is a file
         kwargs["refresh"] = False
         super().set_postfix(*args, **kwargs)
+
+    def update(self, n=1):
+        shown = super().update(n)
+        if self._artifact and time.monotonic() - self._reported >= self.ARTIFACT_EVERY:
+            self._report()
+        return shown
+
+    def close(self):
+        if self._artifact:
+            self._report()
+        super().close()
+
+    def _report(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self._reported = time.monotonic()
+        try:
+            update_progress_artifact(self._artifact, 100.0 * self.n / max(self.total or 1, 1))
+        except Exception:  # the dashboard is a view: never fail a stage over it
+            self._artifact = None
+
+
+def _progress_artifact(desc: str, total: int | None):
+    """A progress artifact for this bar when running inside a Prefect flow run."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return None
+    from prefect.artifacts import create_progress_artifact
+
+    key = re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-") + "-progress"
+    try:
+        return create_progress_artifact(0.0, key=key, description=f"{desc}: {total} steps")
+    except Exception:
+        return None
 
 
 def progress(total: int, desc: str, unit: str = "item") -> tqdm:

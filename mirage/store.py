@@ -226,7 +226,12 @@ class ShardStore:
         make = prepare or (lambda specs: specs)
         ahead = prefetch if prepare else 0
         for chunk, x in prepared_ahead(chunks, lambda pairs: make([s for _, s in pairs]), ahead):
-            table = compute(x)
+            try:
+                table = compute(x)
+            except Exception as err:  # name the items: the run's failure message shows it
+                ids = [k[:16] for k, _ in chunk]
+                err.add_note(f"items {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)} in the batch) of {self.root}")
+                raise
             got = table.column("key").to_pylist()
             if got != [k for k, _ in chunk]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,44 @@ def new_project():
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     return make_project(tmp_path, TINY)
+
+
+FROZEN = ["train_generator", "train_encoder"]
+UNFROZEN = ["toyworld", "generate", "features", "discover", "train_detector", "evaluate"]
+
+
+@dataclass
+class Finished:
+    root: Path
+    flow_run_id: str  # its `mirage-pipeline` flow run on the session's Prefect server
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Finished:
+    """A tiny project after one full `mirage run` (every unfrozen stage ran)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from mirage import pipeline
+
+    root = make_project(tmp_path_factory.mktemp("done"), TINY)
+    first = pipeline.run(root)
+    assert [r.name for r in first if r.ran] == UNFROZEN  # the committed toy models are frozen: never retrained
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["mirage-pipeline"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return Finished(root, str(runs[0].id))
+
+
+@pytest.fixture(scope="session")
+def done(finished) -> Path:
+    return finished.root
+
+
+@pytest.fixture
+def project(done, tmp_path) -> Path:
+    """A copy of the finished tiny project, free to change."""
+    root = tmp_path / "project"
+    shutil.copytree(done, root, symlinks=True)
+    return root

@@ -16,8 +16,7 @@ from mirage import pipeline
 from mirage.cli import main as cli_main
 from mirage.store import read_table
 
-FROZEN = ["train_generator", "train_encoder"]
-UNFROZEN = ["toyworld", "generate", "features", "discover", "train_detector", "evaluate"]
+from conftest import FROZEN, UNFROZEN
 
 # Quality bands for the small config of conftest.TINY (40 test scenes, 24
 # generated images, 60 + 30 detector steps), with the committed toy models.
@@ -30,25 +29,6 @@ CORLOC_OVER_RANDOM = 0.10  # learned minus random-weight CorLoc; measured 0.20
 
 def ran(results):
     return [r.name for r in results if r.ran]
-
-
-@pytest.fixture(scope="module")
-def done(tmp_path_factory, new_project):
-    """A tiny project after one full `mirage run`."""
-    from conftest import TINY
-
-    root = new_project(tmp_path_factory.mktemp("done"), TINY)
-    first = pipeline.run(root)
-    assert ran(first) == UNFROZEN  # the committed toy models are frozen: never retrained by a run
-    return root
-
-
-@pytest.fixture
-def project(done, tmp_path) -> Path:
-    """A copy of the finished tiny project, free to change."""
-    root = tmp_path / "project"
-    shutil.copytree(done, root, symlinks=True)
-    return root
 
 
 def test_first_run_writes_every_output_and_holds_the_quality_bands(done):

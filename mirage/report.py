@@ -1,0 +1,286 @@
+"""What a pipeline run shows on the Prefect dashboard, and who hears of a failure.
+
+- tags: the git commit, the params digest and the profile, so a dashboard run
+  maps to one experiment;
+- assets: every DVC output as a Prefect asset (`prefect.assets`) with the
+  outputs it was made from as upstream assets (the UI draws the lineage), with
+  rows, bytes, DVC's hash and the stage's params digest as metadata;
+- artifacts: a markdown summary (stages run or up to date and why, seconds,
+  key metrics next to the previous run's), a metrics table per stage and
+  self-training round, and pictures as `data:` URLs, which Prefect 3.8's UI
+  renders in the page (no file server);
+- alerts: a failed run posts its stage and cause to `alerts.webhook`.
+
+Everything here reads the project's files after the fact; no stage depends on it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mirage import params as params_mod
+
+SUMMARY_KEY = "mirage-summary"
+METRICS_KEY = "mirage-metrics"
+SHEET_KEY = "mirage-discoveries"
+DETECTIONS_KEY = "mirage-detections"
+TOY_MODELS = {"generate.model": "models/generator", "features.encoder": "models/encoder"}
+
+
+# -- tags --------------------------------------------------------------------
+def git_commit(root: Path) -> str | None:
+    """HEAD's short hash, `+dirty` when tracked files differ from it; None outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "--short=10", "HEAD")
+    if not head:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{head}+dirty" if dirty else head
+
+
+def profile(params: params_mod.Params) -> str:
+    """`toy` when both models are the project's own toy models, else `real`."""
+    mine = params.generate.model == TOY_MODELS["generate.model"] and params.features.encoder == TOY_MODELS["features.encoder"]
+    return "toy" if mine else "real"
+
+
+def run_tags(root: Path, params: params_mod.Params) -> list[str]:
+    return [f"commit:{git_commit(root) or 'none'}", f"params:{params.digest()[:12]}", f"profile:{profile(params)}"]
+
+
+def tag_this_run(tags: list[str]) -> None:
+    """Add tags to the flow run in progress (a served run's tags are the deployment's until then)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(tags)))
+
+
+def save_experiment(root: Path, name: str) -> str | None:
+    """Record the workspace as a DVC experiment named like the flow run, so
+    `dvc exp show` and the dashboard name the same experiment; None outside a
+    git repository (or when DVC cannot save it: the run itself stands)."""
+    from dvc.repo import Repo
+
+    if git_commit(root) is None:
+        return None
+    try:
+        with Repo(str(root)) as repo:
+            repo.experiments.save(name=name, force=True)
+    except Exception as err:  # noqa: BLE001 - DVC raises many kinds; the run already succeeded
+        from prefect import get_run_logger
+
+        get_run_logger().warning("not saved as a DVC experiment: %s", err)
+        return None
+    return name
+
+
+# -- assets ------------------------------------------------------------------
+def asset_key(root: Path, path: str) -> str:
+    return (root / path).resolve().as_uri()
+
+
+def output_facts(path: Path) -> dict[str, Any]:
+    """Rows (summed over the manifests of a table directory), bytes and files of one output."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
+    facts: dict[str, Any] = {"bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    manifests = [p for p in files if p.name == "manifest.json"]
+    if manifests:
+        facts["rows"] = sum(s["rows"] for m in manifests for s in json.loads(m.read_text())["shards"])
+    return facts
+
+
+def section_digest(params: params_mod.Params, keys: list[str]) -> str:
+    """A short hash of the params.yaml keys a stage depends on (as dvc.yaml lists them)."""
+    import hashlib
+
+    tree = params.model_dump(mode="json")
+    picked = {}
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_assets(root: Path, stage, producers: dict[str, str], params: params_mod.Params) -> None:
+    """Materialize `stage`'s DVC outputs as Prefect assets, its upstream
+    outputs (deps another stage writes) as their asset deps."""
+    from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
+
+    outs = [o for o in stage.outs]
+    if not outs:
+        return
+    param_keys = [k for dep in stage.deps if hasattr(dep, "params") for k in dep.params]
+    digest = section_digest(params, param_keys)
+    assets = [Asset(key=asset_key(root, o.def_path),
+                    properties=AssetProperties(name=o.def_path, description=f"output of DVC stage `{stage.name}`"))
+              for o in outs]
+    upstream = [asset_key(root, d.def_path) for d in stage.deps if producer(d.def_path, producers)]
+
+    def add_metadata() -> None:
+        for out, asset in zip(outs, assets):
+            hashed = out.hash_info.value if out.hash_info else None
+            add_asset_metadata(asset, {"stage": stage.name, "params_digest": digest, "dvc_hash": hashed,
+                                       **output_facts(root / out.def_path)})
+
+    materialize(*assets, asset_deps=upstream, by="dvc", name=f"{stage.name}-outputs")(add_metadata)()
+
+
+def producer(path: str, producers: dict[str, str]) -> str | None:
+    """The stage whose output is `path` or holds it (data/toyworld/train is in data/toyworld)."""
+    for out, stage in producers.items():
+        if path == out or path.startswith(out.rstrip("/") + "/"):
+            return stage
+    return None
+
+
+def lineage(root: Path) -> str:
+    """Each stage's DVC outputs (rows and size) and the stages they were made
+    from, as a Mermaid flowchart: the asset lineage, drawn by the UI's
+    markdown renderer."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = [s for s in repo.index.stages if s.cmd]
+        producers = {o.def_path: s.name for s in stages for o in s.outs}
+        lines = ["flowchart LR"]
+        for s in stages:
+            outs = []
+            for o in s.outs:
+                facts = output_facts(root / o.def_path)
+                rows = f"{facts['rows']} rows, " if "rows" in facts else ""
+                outs.append(f"{o.def_path}: {rows}{facts['bytes'] / 1e6:.2f} MB")
+            lines.append(f'  {s.name}["<b>{s.name}</b><br/>{"<br/>".join(outs)}"]')
+        edges = {(producer(d.def_path, producers), s.name) for s in stages for d in s.deps}
+        lines += [f"  {a} --> {b}" for a, b in sorted(edges, key=lambda e: (e[1], str(e[0]))) if a and a != b]
+    return "\n".join(lines)
+
+
+# -- artifacts ---------------------------------------------------------------
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def read_metrics(root: Path) -> dict | None:
+    path = root / "metrics" / "evaluate.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def key_metrics(m: dict | None) -> dict[str, float | None]:
+    if not m:
+        return {}
+    rounds = m["detector"]["rounds"]
+    out = {"discovery CorLoc": m["discovery"]["corloc"],
+           "discovery CorLoc, random weights": m["discovery"]["corloc_random_weights"]}
+    out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
+    out |= {"detector AP (last round)": rounds[-1]["ap"], "prompt alignment": m["generation"]["prompt_alignment"]}
+    return out
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def metrics_table(results: list, metrics: dict | None) -> list[dict[str, Any]]:
+    """One row per stage (item counts) and per metric (self-training rounds included)."""
+    rows = []
+    for r in results:
+        out = r.result if isinstance(r.result, dict) else {}
+        counts = {k: out[k] for k in ("items", "computed", "reused") if k in out}
+        rows.append({"stage": r.name, "metric": "items computed / total" if counts else "ran",
+                     "value": f"{counts.get('computed')} / {counts.get('items')}" if counts else str(r.ran)})
+    rows += [{"stage": "evaluate", "metric": k, "value": _fmt(v)} for k, v in key_metrics(metrics).items()]
+    return rows
+
+
+def summary_markdown(results: list, seconds: float, metrics: dict | None, previous: dict | None,
+                     tags: list[str]) -> str:
+    lines = [f"# mirage pipeline run", "",
+             f"{sum(r.ran for r in results)} stage(s) ran, {sum(not r.ran for r in results)} up to date, "
+             f"{seconds:.1f} s. Tags: {', '.join(f'`{t}`' for t in tags)}", "",
+             "| stage | state | seconds | why (DVC) |", "|---|---|---|---|"]
+    for r in results:
+        state = "restored from run-cache" if r.restored else "ran" if r.ran else "up to date"
+        out = r.result if isinstance(r.result, dict) else {}
+        if r.ran and "items" in out:
+            state += f" ({out['computed']} of {out['items']} items computed)"
+        why = "; ".join(r.why).replace("|", "/") if r.why else ("forced" if r.ran else "")
+        lines.append(f"| {r.name} | {state} | {r.seconds:.1f} | {why[:300]} |")
+    now, before = key_metrics(metrics), key_metrics(previous)
+    if now:
+        lines += ["", "## Metrics (toy test split, class-agnostic)", "", "| metric | this run | previous run |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} | {_fmt(before.get(k))} |" for k, v in now.items()]
+    return "\n".join(lines)
+
+
+def discoveries_sheet(root: Path, n: int = 16) -> bytes | None:
+    """Generated images with their discovered boxes (yellow), as one PNG."""
+    import numpy as np
+
+    from mirage.images import decode_png
+    from mirage.store import read_table
+    from tasks.evaluate import draw_grid
+
+    try:
+        images = read_table(root / "data/generated", columns=["id", "image"]).slice(0, n).to_pylist()
+        found = {r["image_id"]: [o["box"] for o in r["objects"]]
+                 for r in read_table(root / "data/discovery", columns=["image_id", "objects"]).to_pylist()}
+    except FileNotFoundError:
+        return None
+    if not images:
+        return None
+    arrays = np.stack([decode_png(r["image"]) for r in images])
+    scale = max(1, 128 // arrays.shape[1])
+    return draw_grid(arrays, [[]] * len(images), [found.get(r["id"], []) for r in images], [[]] * len(images),
+                     scale=scale, cols=8)
+
+
+def publish(root: Path, results: list, seconds: float, previous: dict | None, tags: list[str]) -> None:
+    """The run's artifacts: summary, metrics table, pictures."""
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+    metrics = read_metrics(root)
+    markdown = summary_markdown(results, seconds, metrics, previous, tags)
+    sheet = discoveries_sheet(root)
+    detections = root / "plots" / "detections.png"
+    pictures = []
+    if sheet:
+        create_image_artifact(data_url(sheet), key=SHEET_KEY,
+                              description="Generated images with the boxes discover found (yellow)")
+        pictures.append(("Generated images, discovered boxes (yellow)", sheet))
+    if detections.exists():
+        png = detections.read_bytes()
+        create_image_artifact(data_url(png), key=DETECTIONS_KEY,
+                              description="Test images: ground truth (green), discovered (yellow), detector (red)")
+        pictures.append(("Test images: ground truth (green), discovered (yellow), detector (red)", png))
+    for title, png in pictures:
+        markdown += f"\n\n## {title}\n\n![{title}]({data_url(png)})"
+    markdown += f"\n\n## Lineage (DVC outputs as Prefect assets)\n\n```mermaid\n{lineage(root)}\n```\n"
+    create_table_artifact(metrics_table(results, metrics), key=METRICS_KEY, description="mirage metrics per stage and round")
+    create_markdown_artifact(markdown, key=SUMMARY_KEY, description="mirage pipeline run")
+
+
+# -- alerts ------------------------------------------------------------------
+def alert(webhook: str | None, payload: dict[str, Any]) -> None:
+    """POST the failure to the webhook (a Slack/Teams/any JSON endpoint)."""
+    if not webhook:
+        return
+    import httpx
+
+    httpx.post(webhook, json=payload, timeout=10.0).raise_for_status()

@@ -1,0 +1,177 @@
+"""What a pipeline run shows on the Prefect dashboard (tags, summary, metrics
+table, pictures, progress, assets), and what a failed run tells: the state
+message and the webhook alert.  Read back from the session's Prefect server."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import UNFROZEN
+from mirage import params as params_mod
+from mirage.cli import main as cli_main
+
+OUTPUTS = {  # DVC outputs of the stages that ran, and one upstream asset each must name
+    "data/toyworld": None,
+    "data/generated": "models/generator",
+    "data/features": "data/generated",
+    "data/discovery": "data/features",
+    "data/discovery.coco.json": "data/features",
+    "models/detector": "data/discovery",
+    "metrics/evaluate.json": "models/detector",
+    "plots/detections.png": "models/detector",
+    "plots/pr": "models/detector",
+}
+
+
+def api(path: str, body: dict | None = None):
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url + path
+    response = httpx.post(url, json=body, timeout=30) if body is not None else httpx.get(url, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def artifacts_of(flow_run_ids: list[str]) -> list[dict]:
+    return api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200})
+
+
+def png_size(url: str) -> tuple[int, int]:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+
+
+def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
+    params = params_mod.load(finished.root / "params.yaml")
+    run = api(f"/flow_runs/{finished.flow_run_id}")
+    assert {"commit:none", f"params:{params.digest()[:12]}", "profile:toy"} <= set(run["tags"])  # no git here
+
+    metrics = json.loads((finished.root / "metrics/evaluate.json").read_text())
+    corloc = f"{metrics['discovery']['corloc']:.3f}"
+    found = {a["key"]: a for a in artifacts_of([finished.flow_run_id])}
+    summary = found["mirage-summary"]["data"]
+    for stage in UNFROZEN:
+        assert f"| {stage} | ran" in summary
+    assert "| train_generator | up to date" in summary
+    assert f"| discovery CorLoc | {corloc} |" in summary
+    assert "toyworld --> train_generator" in summary and "train_detector --> evaluate" in summary  # lineage
+    table = found["mirage-metrics"]["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"stage": "evaluate", "metric": "discovery CorLoc", "value": corloc} in rows
+    assert {"stage": "generate", "metric": "items computed / total", "value": "24 / 24"} in rows
+    assert [r["metric"] for r in rows if "AP50, round" in r["metric"]] == ["detector AP50, round 0", "detector AP50, round 1"]
+    for key in ("mirage-discoveries", "mirage-detections"):
+        width, height = png_size(found[key]["data"])
+        assert width >= 128 and height >= 32
+
+
+def test_long_stages_report_progress_to_the_end(finished):
+    children = api("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [finished.flow_run_id]}}})
+    assert {c["name"] for c in children} and len(children) == len(UNFROZEN)
+    progress = {a["key"]: a["data"] for a in artifacts_of([c["id"] for c in children]) if a["type"] == "progress"}
+    for key in ("generate-progress", "features-progress", "discover-progress",
+                "train-detector-round-0-progress", "train-detector-round-1-progress"):
+        assert progress[key] == pytest.approx(100.0), key
+
+
+def test_every_output_is_an_asset_with_its_upstream_assets_and_facts(finished):
+    root_uri = finished.root.resolve().as_uri()
+    want = {f"{root_uri}/{path}" for path in OUTPUTS}
+    deadline = time.monotonic() + 60  # events reach the database asynchronously
+    while True:
+        events = api("/events/filter", {"filter": {"event": {"prefix": ["prefect.asset.materialization"]},
+                                                   "resource": {"id_prefix": [root_uri + "/"]}},
+                                        "limit": 50})["events"]
+        ours = {e["resource"]["prefect.resource.id"]: e for e in events
+                if e["resource"]["prefect.resource.id"].startswith(root_uri + "/")}
+        if want <= set(ours) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert want <= set(ours), sorted(want - set(ours))
+    for path, upstream in OUTPUTS.items():
+        event = ours[f"{root_uri}/{path}"]
+        related = {r["prefect.resource.id"] for r in event["related"] if r.get("prefect.resource.role") == "asset"}
+        if upstream:
+            assert f"{root_uri}/{upstream}" in related, (path, related)
+        assert event["payload"]["bytes"] > 0 and event["payload"]["params_digest"]
+    assert ours[f"{root_uri}/data/generated"]["payload"]["rows"] == 24
+    assert ours[f"{root_uri}/data/toyworld"]["payload"]["rows"] == 48 + 40
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    _Hook.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", _Hook.received
+    server.shutdown()
+
+
+def test_a_failed_run_names_stage_items_and_cause_and_posts_the_webhook(project, webhook, monkeypatch, capsys):
+    import flows.generate
+    from mirage.store import read_table
+
+    url, received = webhook
+    params_mod.write_overrides(project / "params.yaml", {"alerts.webhook": url})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: the sampler blew up")
+
+    monkeypatch.setattr(flows.generate, "sample", broken)
+    assert cli_main(["--root", str(project), "run", "-S", "generate.per_prompt=9"]) == 1
+    err = capsys.readouterr().err
+    assert "stage generate failed: RuntimeError: injected: the sampler blew up" in err
+    assert "items " in err and "in the batch" in err  # the batch's item keys
+    assert len(received) == 1
+    assert received[0]["stage"] == "generate" and "injected" in received[0]["cause"]
+    failed = api("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}},
+                                       "flows": {"name": {"any_": ["mirage-pipeline"]}},
+                                       "sort": "START_TIME_DESC", "limit": 1})[0]
+    assert "stage generate failed" in failed["state"]["message"]
+    assert read_table(project / "data/generated").num_rows == 24  # nothing finished before was lost
+
+
+def test_a_webhook_that_is_not_a_url_is_refused_before_any_work(project, capsys):
+    before = (project / "params.yaml").read_text()
+    assert cli_main(["--root", str(project), "run", "-S", "alerts.webhook=slack"]) == 2
+    assert "alerts.webhook" in capsys.readouterr().err
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_a_run_beside_another_is_turned_away_with_a_message(project, capsys):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(  # another pipeline run (or `dvc repro`) holding DVC's repo lock
+        [sys.executable, "-c", "import sys, time; from dvc.repo import Repo; r = Repo('.'); r.lock.lock(); "
+                               "print('locked', flush=True); time.sleep(60)"],
+        cwd=project, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (project / "dvc.lock").read_text()
+        assert cli_main(["--root", str(project), "run", "--force"]) == 2
+        assert "another pipeline run or `dvc repro` is using" in capsys.readouterr().err
+        assert (project / "dvc.lock").read_text() == before
+    finally:
+        holder.kill()

@@ -1,0 +1,197 @@
+"""`mirage server` (a persistent Prefect server and UI), runs that find it,
+the dashboard in a real browser, and `mirage serve` running the pipeline on a
+schedule by itself.  Every process here is a real one, started as a user
+would, on a copy of the finished tiny project."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, UNFROZEN
+
+MIRAGE = [sys.executable, "-m", "mirage.cli"]
+SHOTS = ROOT / "test-output" / "dashboard"  # screenshots of the browser test (git-ignored)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user_env(prefect_home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: no Prefect API configured, the venv's python first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env | {"PREFECT_HOME": str(prefect_home), **extra}
+
+
+def wait_for(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Server:
+    """`mirage server` on a free port for one project, stopped at the end."""
+
+    def __init__(self, root: Path, prefect_home: Path, **env: str):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = user_env(prefect_home, **env)
+        self.log = open(root.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([*MIRAGE, "--root", str(root), "server", "--port", str(self.port)],
+                                     cwd=root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.healthy, 180, f"mirage server on {self.url}")
+
+    def healthy(self) -> bool:
+        assert self.proc.poll() is None, (self.root.parent / f"server-{self.port}.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api(self, path: str, body: dict | None = None):
+        r = httpx.post(self.url + "/api" + path, json=body, timeout=30) if body is not None else \
+            httpx.get(self.url + "/api" + path, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def pipeline_runs(self, **flow_run_filter) -> list[dict]:
+        return self.api("/flow_runs/filter", {"flows": {"name": {"any_": ["mirage-pipeline"]}},
+                                              "flow_runs": flow_run_filter, "sort": "START_TIME_DESC"})
+
+    def mirage(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([*MIRAGE, "--root", str(self.root), *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(done, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served") / "project"
+    shutil.copytree(done, root, symlinks=True)
+    server = Server(root, root.parent / "prefect-home")
+    yield server
+    server.stop()
+    assert not (root / ".mirage/server.json").exists()  # the marker goes with the server
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{server.url}/api/health", timeout=2)  # and no server process stays behind
+
+
+def chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,3000"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def page_text(driver, url: str, expect: str, timeout: float = 60) -> str:
+    driver.get(url)
+    return wait_for(lambda: (t := driver.find_element("tag name", "body").text) and expect in t and t,
+                    timeout, f"{expect!r} on {url}")
+
+
+def loaded_images(driver) -> list[int]:
+    """naturalWidth of each picture of ours (a data: URL) that finished loading (0: broken)."""
+    return driver.execute_script(
+        "return Array.from(document.images).filter(i => i.complete && i.src.startsWith('data:image/png'))"
+        ".map(i => i.naturalWidth)")
+
+
+def test_a_run_reports_to_the_server_and_the_dashboard_shows_it_in_a_browser(server):
+    done = server.mirage("run", "-S", "evaluate.grid_images=5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "evaluate        ran" in done.stdout
+    run = server.pipeline_runs()[0]  # the run went to the persistent server, not a temporary one
+    assert run["state_type"] == "COMPLETED" and "profile:toy" in run["tags"]
+    found = {a["key"]: a["id"] for a in server.api("/artifacts/filter",
+                                                   {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
+    metrics = json.loads((server.root / "metrics/evaluate.json").read_text())
+    corloc = f"{metrics['discovery']['corloc']:.3f}"
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver = chromium()
+    try:
+        text = page_text(driver, f"{server.url}/v2/runs/flow-run/{run['id']}", "stage evaluate")
+        assert run["name"] in text and "profile:toy" in text
+        driver.save_screenshot(str(SHOTS / "flow-run.png"))
+
+        text = page_text(driver, f"{server.url}/v2/artifacts/artifact/{found['mirage-summary']}", "discovery CorLoc")
+        for stage in UNFROZEN:
+            assert stage in text
+        assert corloc in text
+        widths = wait_for(lambda: (w := loaded_images(driver)) and len(w) >= 2 and w, 30, "the summary's pictures")
+        assert all(w > 0 for w in widths), widths  # both pictures rendered from their data: URLs
+        svg = wait_for(lambda: [s for s in driver.find_elements("css selector", "svg") if "train_detector" in s.text],
+                       30, "the lineage diagram")[0]
+        assert "toyworld" in svg.text and "evaluate" in svg.text and "rows" in svg.text
+        driver.save_screenshot(str(SHOTS / "summary.png"))
+        svg.screenshot(str(SHOTS / "lineage.png"))
+
+        page_text(driver, f"{server.url}/v2/artifacts/artifact/{found['mirage-detections']}", "mirage-detections")
+        widths = wait_for(lambda: [w for w in loaded_images(driver) if w >= 128], 30, "the detections image")
+        assert widths
+        driver.save_screenshot(str(SHOTS / "detections.png"))
+    finally:
+        driver.quit()
+
+
+def test_a_served_schedule_runs_the_pipeline_by_itself_twice(server):
+    before = len(server.pipeline_runs())
+    serve = subprocess.Popen([*MIRAGE, "--root", str(server.root), "serve", "--interval", "5",
+                              "-S", "evaluate.grid_images=3"], cwd=server.root, env=server.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        def two_done():
+            runs = [r for r in server.pipeline_runs(state={"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}})
+                    if r["deployment_id"]]
+            return runs if len(runs) >= 2 else None
+
+        runs = sorted(wait_for(two_done, 420, "two scheduled runs", every=3), key=lambda r: r["start_time"])[:2]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    assert len(server.pipeline_runs()) > before
+    stages = [server.api("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [r["id"]]}}})
+              for r in runs]
+    assert [s["name"] for s in stages[0]] and {s["flow_id"] for s in stages[0]}  # the first run ran a stage
+    assert stages[1] == []  # the second found nothing stale
+    assert runs[1]["total_run_time"] < 10, runs[1]["total_run_time"]  # ends in about a second
+    print(f"scheduled no-op run: {runs[1]['total_run_time']:.2f} s")
+    assert "grid_images: 3" in (server.root / "params.yaml").read_text()
+
+
+def test_serve_without_a_server_says_how_to_get_one(done, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(done, root, symlinks=True)
+    out = subprocess.run([*MIRAGE, "--root", str(root), "serve", "--interval", "60"], cwd=root,
+                         env=user_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "mirage server" in out.stderr
