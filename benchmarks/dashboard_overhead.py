@@ -44,6 +44,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mirage-dash-bench-"))
     root = work / "project"
     shutil.copytree(src, root, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "server.json"))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "config", "core.no_scm", "true"], cwd=root, check=True)  # a copy without .git
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(work / "prefect-home")
     with socket.socket() as s:
