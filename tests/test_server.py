@@ -195,3 +195,45 @@ def test_serve_without_a_server_says_how_to_get_one(done, tmp_path):
     out = subprocess.run([*MIRAGE, "--root", str(root), "serve", "--interval", "60"], cwd=root,
                          env=user_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "mirage server" in out.stderr
+
+
+def test_a_run_cancelled_from_the_ui_stops_and_the_next_run_resumes(server):
+    """Cancel a served run in the middle of generate (what the UI's Cancel
+    does: the state goes to CANCELLING and Prefect ends the run's process);
+    then a `mirage run` finishes the job, keeping the batches done before."""
+    serve = subprocess.Popen([*MIRAGE, "--root", str(server.root), "serve", "--interval", "3600", "--name", "cancel-me",
+                              "-S", "generate.per_prompt=40"], cwd=server.root, env=server.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        def deployment():
+            try:
+                return server.api("/deployments/name/mirage-pipeline/cancel-me")
+            except httpx.HTTPStatusError:
+                return None
+
+        run = server.api(f"/deployments/{wait_for(deployment, 120, 'the deployment')['id']}/create_flow_run", {})
+
+        def generating():  # the run's generate stage has reported progress
+            if server.api(f"/flow_runs/{run['id']}")["state_type"] != "RUNNING":
+                return False
+            stages = server.api("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+            progress = server.api("/artifacts/filter", {"artifacts": {
+                "key": {"any_": ["generate-progress"]}, "flow_run_id": {"any_": [s["id"] for s in stages]}}})
+            return any(a["data"] for a in progress)
+
+        wait_for(generating, 300, "the served run in the middle of generate", every=1)
+        server.api(f"/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        wait_for(lambda: server.api(f"/flow_runs/{run['id']}")["state_type"] == "CANCELLED", 120, "the cancelled state")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+    from mirage.store import read_table
+
+    assert read_table(server.root / "data/generated").num_rows == 24  # readers still see the last whole table
+    out = server.mirage("run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p for p in (server.root / "data").rglob("*") if ".tmp-" in p.name or p.name == ".work"] == []
+    line = next(l for l in out.stdout.splitlines() if l.strip().startswith("generate"))
+    computed = int(line.split("(")[1].split(" of ")[0])
+    assert 0 < computed < 120 - 24, line  # batches finished before the cancel were kept
+    assert "120 items" in line
