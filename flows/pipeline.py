@@ -56,7 +56,7 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
                 producers.update({o.def_path: s.name for s in repo.index.stages for o in s.outs})
             report.record_assets(root_path, stage, producers, params)
 
-        results = pipeline.run_stages(root_path, force, tuple(train or ()), on_stage=after_stage)
+        results = pipeline.run_stages(root_path, force, tuple(train or ()), on_stage=after_stage, params=params)
         seconds = time.perf_counter() - start
         if any(r.ran for r in results):
             from prefect.runtime import flow_run

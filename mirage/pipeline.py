@@ -227,11 +227,15 @@ def workspace_lock(repo):
         cm.__exit__(None, None, None)
 
 
-def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None) -> list[StageResult]:
+def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
+               params: params_mod.Params | None = None) -> list[StageResult]:
     """Run every stale stage in dvc.yaml order in this process, each recorded
     in dvc.lock as it finishes (`dvc commit`); `on_stage(repo, stage, result)`
-    is called after each one that ran.  Call inside a Prefect flow: each
-    stage's flow is then its child flow run."""
+    is called after each one that ran.  With `params`, the configured models
+    are checked first when something is to run (a no-op stays as cheap as
+    `dvc status`).  Call inside a Prefect flow: each stage's flow is then its
+    child flow run."""
+    from mirage.model_checks import check_models
     from prefect import get_run_logger
 
     import yaml
@@ -243,6 +247,8 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
         frozen = {s.name for s in repo.index.stages if s.frozen}
         if not force and not train and not set(describe(repo.status())) - frozen:  # one status call
             return [StageResult(s.name, ran=False) for s in stage_order(repo)]
+        if params is not None:
+            check_models(params)  # a model that cannot be loaded fails here, naming its key, before any stage
         current = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
         for stage in stage_order(repo):
             if stage.frozen and stage.name not in train:
@@ -298,7 +304,6 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
     as one `mirage-pipeline` flow run (reported to the project's `mirage
     server` when it is up).  `train` names frozen stages (train_generator,
     train_encoder) to rerun too; `force` reruns every stage that is not frozen."""
-    from mirage.model_checks import check_models
     from mirage.server import connect
 
     root = Path(root).resolve()
@@ -314,8 +319,6 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
             if nothing:
                 with _repo(root) as repo:
                     return [StageResult(s.name, ran=False) for s in stage_order(repo)]
-        if not overrides:
-            check_models(params)  # only now: a run with nothing stale stays as cheap as `dvc status`
         connect(root)
         from flows.pipeline import mirage_pipeline
 
