@@ -308,7 +308,7 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
 
     root = Path(root).resolve()
     with contextlib.chdir(root):
-        params = prepare(root, overrides, train)
+        prepare(root, overrides, train)  # validates, checks changed models, writes the overrides
         if not force and not train:
             try:
                 nothing = not stale(root)

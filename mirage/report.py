@@ -210,7 +210,7 @@ def metrics_table(results: list, metrics: dict | None) -> list[dict[str, Any]]:
 
 def summary_markdown(results: list, seconds: float, metrics: dict | None, previous: dict | None,
                      tags: list[str]) -> str:
-    lines = [f"# mirage pipeline run", "",
+    lines = ["# mirage pipeline run", "",
              f"{sum(r.ran for r in results)} stage(s) ran, {sum(not r.ran for r in results)} up to date, "
              f"{seconds:.1f} s. Tags: {', '.join(f'`{t}`' for t in tags)}", "",
              "| stage | state | seconds | why (DVC) |", "|---|---|---|---|"]
