@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if type(err).__name__ != "LockError":  # DVC's: a pipeline run or `dvc repro` holds the workspace
             raise
-        print("mirage: another pipeline run or `dvc repro` is using this workspace: try again when it ends", file=sys.stderr)
+        from mirage.pipeline import busy
+
+        print(f"mirage: {busy(Path(args.root).resolve())}", file=sys.stderr)
         return 2
 
 

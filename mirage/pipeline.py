@@ -74,8 +74,13 @@ def stale(root: Path) -> dict[str, list[str]]:
     never run by themselves (a changed committed model shows as a changed
     input of the stages that read it)."""
     with _repo(root) as repo:
-        frozen = {s.name for s in repo.index.stages if s.frozen}
-        return {name: why for name, why in describe(repo.status()).items() if name not in frozen}
+        return stale_in(repo)
+
+
+def stale_in(repo) -> dict[str, list[str]]:
+    """`stale()` on an open repo (one `dvc status` call)."""
+    frozen = {s.name for s in repo.index.stages if s.frozen}
+    return {name: why for name, why in describe(repo.status()).items() if name not in frozen}
 
 
 def _flatten(value, prefix: str) -> dict[str, object]:
@@ -209,6 +214,11 @@ class WorkspaceBusy(PipelineError):
     """Another pipeline run (or `dvc repro`) holds the workspace."""
 
 
+def busy(root) -> WorkspaceBusy:
+    return WorkspaceBusy(f"another pipeline run or `dvc repro` is using {root} (DVC's lock .dvc/tmp/lock "
+                         f"is held): this run did nothing; try again when it ends")
+
+
 @contextlib.contextmanager
 def workspace_lock(repo):
     """DVC's repo lock for the whole run: one pipeline run per workspace."""
@@ -219,8 +229,7 @@ def workspace_lock(repo):
         cm = lock_repo(repo)
         cm.__enter__()
     except LockError:
-        raise WorkspaceBusy(f"another pipeline run or `dvc repro` is using {repo.root_dir} (DVC's lock "
-                            f".dvc/tmp/lock is held): this run did nothing; try again when it ends") from None
+        raise busy(repo.root_dir) from None
     try:
         yield
     finally:
@@ -244,8 +253,7 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
     repo = _repo(Path(root))
     results = []
     with workspace_lock(repo):
-        frozen = {s.name for s in repo.index.stages if s.frozen}
-        if not force and not train and not set(describe(repo.status())) - frozen:  # one status call
+        if not force and not train and not stale_in(repo):
             return [StageResult(s.name, ran=False) for s in stage_order(repo)]
         if params is not None:
             check_models(params)  # a model that cannot be loaded fails here, naming its key, before any stage
@@ -254,12 +262,12 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
             if stage.frozen and stage.name not in train:
                 results.append(StageResult(stage.name, ran=False))
                 continue
-            why = {stage.name: in_words(changes, stage, current)
-                   for changes in repo.status(targets=[stage.addressing]).values()}
+            why = [line for changes in repo.status(targets=[stage.addressing]).values()
+                   for line in in_words(changes, stage, current)]
             if not why and not force and stage.name not in train:
                 results.append(StageResult(stage.name, ran=False))
                 continue
-            log.info("stage %s: running (%s)", stage.name, "; ".join(why.get(stage.name, ["forced"]))[:500])
+            log.info("stage %s: running (%s)", stage.name, "; ".join(why or ["forced"])[:500])
             start = time.perf_counter()
             restored = not force and stage.name not in train and restore_from_run_cache(repo, stage)
             try:
@@ -272,8 +280,7 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
             repo._reset()  # re-read dvc.lock before the next stage's status
             if restored:
                 log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
-            result = StageResult(stage.name, True, time.perf_counter() - start, why.get(stage.name, []),
-                                 output, restored)
+            result = StageResult(stage.name, True, time.perf_counter() - start, why, output, restored)
             results.append(result)
             if on_stage:
                 on_stage(repo, repo.stage.get_target(stage.addressing), result)
@@ -310,12 +317,12 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
     with contextlib.chdir(root):
         prepare(root, overrides, train)  # validates, checks changed models, writes the overrides
         if not force and not train:
+            from dvc.lock import LockError
+
             try:
                 nothing = not stale(root)
-            except Exception as err:  # DVC's LockError: a run in progress
-                if type(err).__name__ == "LockError":
-                    raise WorkspaceBusy(f"another pipeline run or `dvc repro` is using {root}: try again when it ends") from None
-                raise
+            except LockError:  # a run in progress
+                raise busy(root) from None
             if nothing:
                 with _repo(root) as repo:
                     return [StageResult(s.name, ran=False) for s in stage_order(repo)]
