@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from mirage import schema
 from mirage.devices import compute_dtype, resolve_device
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.images import decode_png, encode_mask
 from mirage.models import Encoder, load_encoder
-from mirage.params import Discover, Features
+from mirage.params import Discover, Features, Runner
+from mirage.runner import open_runner
 from mirage.stage import parse, pool_dir, progress
 from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
@@ -21,7 +23,6 @@ from tasks.discover import cut_to_object, discover_objects, zero_shot
 VERSION = 4  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys
 
 
-@task
 def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table:
     gh, gw, c = grid
     images = np.stack([decode_png(r["image"]) for r in rows])
@@ -66,50 +67,83 @@ def write_coco(rows: list[dict], images: list[dict], classes: tuple[str, ...], p
     atomic_write_json(path, coco)
 
 
+@dataclass(frozen=True)
+class DiscoverJob:
+    """Cuts and zero-shot names, wherever they run (mirage/runner.py): the
+    encoder (for naming) is loaded once per process; a batch is rows with
+    their patches and image."""
+
+    cfg: Discover
+    fcfg: Features
+    grid: tuple[int, int, int] = (0, 0, 0)
+
+    def load_key(self) -> tuple:
+        return ("discover", self.fcfg.encoder, self.fcfg.device, self.fcfg.dtype)
+
+    def load(self) -> Encoder:
+        return load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
+
+    def describe(self, encoder: Encoder) -> dict:
+        return {"model": model_fingerprint(encoder_spec(self.fcfg.encoder)), "has_text": encoder.has_text,
+                "computed_on": (encoder.device.type, compute_dtype(self.fcfg.dtype, encoder.device))}
+
+    def prepare(self, encoder: Encoder, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def compute(self, encoder: Encoder, rows: list[dict]) -> pa.Table:
+        return discover_batch(encoder, self.cfg, self.grid, rows)
+
+
+BATCH = 64  # images per discover batch: a few batches per worker on the toy data
+
+
 @flow(name="discover")
-def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str) -> dict[str, float]:
+def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str,
+                  runner: Runner = Runner()) -> dict[str, float]:
     """Objects in every generated image; named by zero-shot with the configured
     encoder (`features.encoder`, on `features.device` in `features.dtype`)."""
     log = get_run_logger()
     meta = table_metadata(features)
     grid = tuple(int(v) for v in meta["grid"].split(","))
-    spec = encoder_spec(fcfg.encoder)
-    encoder = load_encoder(spec, resolve_device(fcfg.device), fcfg.dtype)
-    model_id = model_fingerprint(spec)
-    # what names an object: the encoder's bytes and the device and precision it runs in
-    naming = (model_id, encoder.device.type, compute_dtype(fcfg.dtype, encoder.device))
     table = read_table(features, columns=["key", "id", "patches"])
     # patches straight to one float16 array: as Python lists they cost more than the cut
     patches = table.column("patches").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     feats = [{"key": k, "id": i, "patches": p} for k, i, p in
              zip(table.column("key").to_pylist(), table.column("id").to_pylist(), patches)]
     imgs = {r["id"]: r for r in read_table(images, columns=["id", "image", "class_name", "width", "height"]).to_pylist()}
-    wanted = []
-    for f in feats:
-        key = item_key("discover", VERSION, f["key"], naming, cfg.digest())
-        wanted.append((key, {**f, "key": key, "image": imgs[f["id"]]["image"], "class_name": imgs[f["id"]]["class_name"]}))
-    store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
-                       cfg.shard_rows, pool=pool_dir("discover"))
-    with progress(len(wanted), "discover") as bar:
-        stats = store.update(wanted, lambda rows: discover_batch(encoder, cfg, grid, rows), 256, bar.update)
+    with open_runner(runner, "discover") as run:
+        job = DiscoverJob(cfg, fcfg, grid)
+        facts = run.describe(job)
+        model_id = facts["model"]
+        # what names an object: the encoder's bytes and the device and precision it runs in
+        naming = (model_id, *facts["computed_on"])
+        wanted = []
+        for f in feats:
+            key = item_key("discover", VERSION, f["key"], naming, cfg.digest())
+            wanted.append((key, {**f, "key": key, "image": imgs[f["id"]]["image"], "class_name": imgs[f["id"]]["class_name"]}))
+        store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
+                           cfg.shard_rows, pool=pool_dir("discover"))
+        with progress(len(wanted), "discover") as bar:
+            stats = store.update(wanted, None, BATCH, bar.update, run=lambda batches: run.map(job, batches))
     rows = read_table(out).to_pylist()
     write_coco(rows, [imgs[f["id"]] for f in feats], cfg.classes, Path(coco))
-    if not encoder.has_text:
+    if not facts["has_text"]:
         log.warning("discover: %s has no text tower, objects are not named", fcfg.encoder)
     top = [r["objects"][0]["label"] == r["prompt_class"] for r in rows if r["objects"]]
     agree = float(np.mean(top)) if top else 0.0
     n_objects = sum(len(r["objects"]) for r in rows)
-    log.info("discover: %d objects in %d images (%d computed, %d reused of which %d from the pool); top object's "
-             "zero-shot label = prompt class for %.1f%%", n_objects, len(rows), stats.computed, stats.reused,
-             stats.restored, 100 * agree)
+    log.info("discover: %d objects in %d images (%d computed, %d reused of which %d from the pool; %s runner, "
+             "%d model load(s)); top object's zero-shot label = prompt class for %.1f%%", n_objects, len(rows),
+             stats.computed, stats.reused, stats.restored, run.kind, len(run.loads), 100 * agree)
     return {"objects": n_objects, "label_agreement": agree, "items": stats.wanted, "computed": stats.computed,
-            "reused": stats.reused, "restored": stats.restored}
+            "reused": stats.reused, "restored": stats.restored, "model_loads": len(run.loads)}
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("discover", ["images", "features", "out", "coco"], argv)
-    return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco)
+    return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco,
+                         params.runner)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ threads) and preprocesses the next batches while the model runs on the
 current one.  On CPU the default is inline: the model already keeps every core
 busy, and measured inline was faster (benchmarks/features_throughput.py).  Only missing items are
 computed; rows of a previous encoder are kept in the pool, so switching back
-restores them.  Batches are plain calls inside the flow run: a Prefect task run
-per batch cost ~4% of ViT-B-32 throughput on 2 cores and would flood the UI at
-100k images; the flow run carries the logs, rates and counts.
+restores them.  On the local runner batches are plain calls inside the flow
+run: a Prefect task run per batch cost ~4% of ViT-B-32 throughput on 2 cores
+and would flood the UI at 100k images; the flow run carries the logs, rates and
+counts.  With `runner.kind: dask` each batch is a Prefect task on a Dask
+worker, which loads the encoder once (mirage/runner.py).
 """
 from __future__ import annotations
 
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +27,8 @@ from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.devices import compute_dtype, resolve_device
 from mirage.models import EncoderPatches, ImageEncoder, load_encoder, load_patch_backbone
-from mirage.params import Features
+from mirage.params import Features, Runner
+from mirage.runner import open_runner
 from mirage.stage import parse, pool_dir, progress
 from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
 from tasks.features import decode_batch, embed_batch
@@ -57,67 +61,110 @@ def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema
     return pa.table(cols, schema=fschema)
 
 
-@flow(name="features")
-def features_flow(cfg: Features, images: str, generator: str, out: str) -> dict[str, int]:
-    """`generator`: the configured generate.model, whose UNet a `unet:` patch backbone uses."""
-    log = get_run_logger()
-    spec = encoder_spec(cfg.encoder)
-    encoder = load_encoder(spec, resolve_device(cfg.device), cfg.dtype)
-    mode = patch_mode(cfg)
-    unet = load_patch_backbone(cfg.patch_backbone, encoder, generator) if mode == "unet" else None
-    model_id = model_fingerprint(spec)
-    # float32 on a CPU and float16 autocast on a GPU give other bytes: part of every key
-    computed_on = (encoder.device.type, compute_dtype(cfg.dtype, encoder.device))
-    patch_id = model_fingerprint(generator) if mode == "unet" else ""  # the UNet's identity, when it makes the patches
-    source = [(r["key"], r["id"]) for r in iter_rows(images, ["key", "id"])]
-    meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
-    patch_len = None
-    if mode and source:
-        first = OrderedReader(images, ["image"]).take([source[0][0]])[0]["image"]
-        probe = decode_batch([source[0][1]], [first], None)
-        feats, (gh, gw) = (unet if mode == "unet" else EncoderPatches(encoder, mode)).patches(probe)
-        patch_len = feats[0].size
-        meta |= {"grid": f"{gh},{gw},{patch_len // (gh * gw)}", "patches": cfg.patch_backbone,
-                 "patches_model": patch_id or model_id}
-    store = ShardStore(out, schema.features(encoder.embed_dim, patch_len), meta, cfg.shard_rows,
-                       pool=pool_dir("features"), row_bytes=2 * (encoder.embed_dim + (patch_len or 0)) + 64)
-    wanted = []
-    for src, image_id in source:
-        # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
-        key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
-                       cfg.batch_size, computed_on)
-        wanted.append((key, {"key": key, "src": src, "id": image_id}))
-    reader = OrderedReader(images, ["image"])
-    n_workers = cfg.workers if cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
-    workers = ThreadPoolExecutor(n_workers, thread_name_prefix="mirage-decode") if n_workers else None
+@dataclass
+class Loaded:
+    encoder: ImageEncoder
+    unet: object | None  # the patch backbone, when it is the generator's UNet
+    decoders: ThreadPoolExecutor | None  # `features.workers` decode threads
 
-    def prepare(specs: list[dict]):
-        rows = reader.take([s["src"] for s in specs])
-        decoded = decode_batch([s["id"] for s in specs], [r["image"] for r in rows], workers)
-        pad = cfg.batch_size - len(decoded)  # one batch shape: an item's bytes never depend on its batch
+
+@dataclass(frozen=True)
+class FeaturesJob:
+    """The encoder's batches, wherever they run (mirage/runner.py).  A batch is
+    (specs, PNG bytes); `schema` and `model_id` come from describe()."""
+
+    cfg: Features
+    generator: str  # the generate.model whose UNet a `unet:` patch backbone uses
+    model_id: str = ""
+    schema: pa.Schema | None = None
+
+    def load_key(self) -> tuple:
+        c = self.cfg
+        return ("features", c.encoder, c.device, c.dtype, patch_mode(c), c.patch_backbone, self.generator, c.workers)
+
+    def load(self) -> Loaded:
+        encoder = load_encoder(encoder_spec(self.cfg.encoder), resolve_device(self.cfg.device), self.cfg.dtype)
+        unet = load_patch_backbone(self.cfg.patch_backbone, encoder, self.generator) if patch_mode(self.cfg) == "unet" else None
+        n = self.cfg.workers if self.cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
+        return Loaded(encoder, unet, ThreadPoolExecutor(n, thread_name_prefix="mirage-decode") if n else None)
+
+    def describe(self, m: Loaded, probe: tuple[str, bytes] | None) -> dict:
+        """Identity and shape of what this encoder makes; `probe`: one image
+        (id, PNG) to measure the patch grid on."""
+        mode = patch_mode(self.cfg)
+        facts = {"model": model_fingerprint(encoder_spec(self.cfg.encoder)), "embed_dim": m.encoder.embed_dim,
+                 # float32 on a CPU and float16 autocast on a GPU give other bytes: part of every key
+                 "computed_on": (m.encoder.device.type, compute_dtype(self.cfg.dtype, m.encoder.device)),
+                 # the UNet's identity, when it makes the patches
+                 "patch_id": model_fingerprint(self.generator) if mode == "unet" else "", "grid": None}
+        if mode and probe:
+            image = decode_batch([probe[0]], [probe[1]], None)
+            feats, (gh, gw) = (m.unet if mode == "unet" else EncoderPatches(m.encoder, mode)).patches(image)
+            facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
+        return facts
+
+    def prepare(self, m: Loaded, batch: tuple[list[dict], list[bytes]]):
+        specs, pngs = batch
+        decoded = decode_batch([s["id"] for s in specs], pngs, m.decoders)
+        pad = self.cfg.batch_size - len(decoded)  # one batch shape: an item's bytes never depend on its batch
         if pad > 0:
             decoded = np.concatenate([decoded, np.repeat(decoded[-1:], pad, axis=0)])
-        return specs, decoded, encoder.prepare(decoded)
+        return specs, decoded, m.encoder.prepare(decoded)
 
-    start = time.perf_counter()
-    try:
+    def compute(self, m: Loaded, prepared) -> pa.Table:
+        return encode(m.encoder, patch_mode(self.cfg), m.unet, self.model_id, self.schema, prepared)
+
+
+@flow(name="features")
+def features_flow(cfg: Features, images: str, generator: str, out: str, runner: Runner = Runner()) -> dict[str, int]:
+    """`generator`: the configured generate.model, whose UNet a `unet:` patch backbone uses."""
+    log = get_run_logger()
+    mode = patch_mode(cfg)
+    source = [(r["key"], r["id"]) for r in iter_rows(images, ["key", "id"])]
+    with open_runner(runner, "features") as run:
+        probe = None
+        if mode and source:
+            probe = (source[0][1], OrderedReader(images, ["image"]).take([source[0][0]])[0]["image"])
+        facts = run.describe(FeaturesJob(cfg, generator), probe)
+        model_id, patch_id, computed_on = facts["model"], facts["patch_id"], tuple(facts["computed_on"])
+        meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
+        patch_len = None
+        if facts["grid"]:
+            gh, gw, c = facts["grid"]
+            patch_len = gh * gw * c
+            meta |= {"grid": f"{gh},{gw},{c}", "patches": cfg.patch_backbone, "patches_model": patch_id or model_id}
+        store = ShardStore(out, schema.features(facts["embed_dim"], patch_len), meta, cfg.shard_rows,
+                           pool=pool_dir("features"), row_bytes=2 * (facts["embed_dim"] + (patch_len or 0)) + 64)
+        job = FeaturesJob(cfg, generator, model_id, store.schema)
+        wanted = []
+        for src, image_id in source:
+            # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
+            key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
+                           cfg.batch_size, computed_on)
+            wanted.append((key, {"key": key, "src": src, "id": image_id}))
+        reader = OrderedReader(images, ["image"])
+
+        def fetch(specs: list[dict]) -> tuple[list[dict], list[bytes]]:
+            return specs, [r["image"] for r in reader.take([s["src"] for s in specs])]
+
+        decoders = cfg.workers if cfg.workers != "auto" else (2 if computed_on[0] == "cuda" else 0)
+        prefetch = 2 if decoders else 0  # the local runner prepares ahead only when it decodes in threads
+        start = time.perf_counter()
         with progress(len(wanted), "features", unit="img") as bar:
-            stats = store.update(wanted, lambda batch: encode(encoder, mode, unet, model_id, store.schema, batch),
-                                 cfg.batch_size, bar.update, prepare=prepare, prefetch=2 if n_workers else 0)
-    finally:
-        if workers:
-            workers.shutdown()
+            stats = store.update(wanted, None, cfg.batch_size, bar.update,
+                                 run=lambda batches: run.map(job, batches, fetch, prefetch))
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
-    log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) with %s",
-             stats.wanted, stats.computed, rate, stats.reused, stats.restored, stats.dropped, model_id)
+    log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) with %s "
+             "(%s runner, %d model load(s))", stats.wanted, stats.computed, rate, stats.reused, stats.restored,
+             stats.dropped, model_id, run.kind, len(run.loads))
     return {"items": stats.wanted, "computed": stats.computed, "reused": stats.reused, "restored": stats.restored,
-            "rate": round(rate, 2)}
+            "rate": round(rate, 2), "model_loads": len(run.loads)}
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("features", ["images", "out"], argv)
-    return features_flow(params.features, args.images, params.generate.model, args.out)
+    return features_flow(params.features, args.images, params.generate.model, args.out, params.runner)
 
 
 if __name__ == "__main__":

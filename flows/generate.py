@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 from prefect import flow, get_run_logger
@@ -11,7 +12,8 @@ from mirage import schema
 from mirage.fingerprint import model_fingerprint
 from mirage.generators import GenerationItem, Generator, load_generator
 from mirage.images import encode_png
-from mirage.params import Generate
+from mirage.params import Generate, Runner
+from mirage.runner import open_runner
 from mirage.stage import parse, pool_dir, progress
 from mirage.store import ShardStore
 from tasks.generate import plan
@@ -35,34 +37,62 @@ def image_size(cfg: Generate, gen: Generator) -> int | None:
     return cfg.image_size or native
 
 
+@dataclass(frozen=True)
+class GenerateJob:
+    """The generator's batches, wherever they run (mirage/runner.py)."""
+
+    cfg: Generate
+    model_id: str = ""  # from describe(): filled in before batches are sent
+    size: int | None = None
+
+    def load_key(self) -> tuple:
+        return ("generate", self.cfg.model, self.cfg.device, self.cfg.dtype)
+
+    def load(self) -> Generator:
+        return load_generator(self.cfg.model, self.cfg.device, self.cfg.dtype)
+
+    def describe(self, gen: Generator) -> dict:
+        gen.check_classes(self.cfg.classes)
+        return {"model": model_fingerprint(self.cfg.model),  # after loading: a hub model's revision is then cached
+                "size": image_size(self.cfg, gen), "device": str(gen.device),
+                "dtype": str(gen.dtype).removeprefix("torch.")}
+
+    def prepare(self, gen: Generator, items: list[GenerationItem]) -> list[GenerationItem]:
+        return items
+
+    def compute(self, gen: Generator, items: list[GenerationItem]) -> pa.Table:
+        return sample(gen, self.model_id, self.cfg, self.size, items)
+
+
 @flow(name="generate")
-def generate_flow(cfg: Generate, out: str) -> dict[str, int]:
+def generate_flow(cfg: Generate, out: str, runner: Runner = Runner()) -> dict[str, int]:
     log = get_run_logger()
-    gen = load_generator(cfg.model, cfg.device, cfg.dtype)
-    model_id = model_fingerprint(cfg.model)  # after loading: a hub model's revision is then in the local cache
-    gen.check_classes(cfg.classes)
-    size = image_size(cfg, gen)
-    dtype = str(gen.dtype).removeprefix("torch.")
-    items = plan(cfg.prompt_templates, cfg.classes, cfg.per_prompt, cfg.seed,
-                 (model_id, cfg.steps, cfg.guidance, size, dtype, cfg.batch_size))
-    meta = {"stage": "generate", "model": model_id, "params": cfg.digest(), "device": str(gen.device), "dtype": dtype}
-    store = ShardStore(out, schema.IMAGES, meta, cfg.shard_rows, pool=pool_dir("generate"),
-                       row_bytes=(size or 512) ** 2 * 3 // 2)  # a generous PNG size estimate
-    start = time.perf_counter()
-    with progress(len(items), "generate", unit="img") as bar:
-        stats = store.update([(it.key, it) for it in items], lambda batch: sample(gen, model_id, cfg, size, batch),
-                             cfg.batch_size, bar.update)
+    with open_runner(runner, "generate") as run:
+        facts = run.describe(GenerateJob(cfg))
+        model_id, size, dtype = facts["model"], facts["size"], facts["dtype"]
+        job = GenerateJob(cfg, model_id, size)
+        items = plan(cfg.prompt_templates, cfg.classes, cfg.per_prompt, cfg.seed,
+                     (model_id, cfg.steps, cfg.guidance, size, dtype, cfg.batch_size))
+        meta = {"stage": "generate", "model": model_id, "params": cfg.digest(), "device": facts["device"],
+                "dtype": dtype}
+        store = ShardStore(out, schema.IMAGES, meta, cfg.shard_rows, pool=pool_dir("generate"),
+                           row_bytes=(size or 512) ** 2 * 3 // 2)  # a generous PNG size estimate
+        start = time.perf_counter()
+        with progress(len(items), "generate", unit="img") as bar:
+            stats = store.update([(it.key, it) for it in items], None, cfg.batch_size, bar.update,
+                                 run=lambda batches: run.map(job, batches))
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
-    log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %d reused, %d dropped)",
-             stats.wanted, stats.computed, rate, gen.device, dtype, stats.reused, stats.dropped)
+    log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %s runner, %d model load(s), %d reused, %d dropped)",
+             stats.wanted, stats.computed, rate, facts["device"], dtype, run.kind, len(run.loads), stats.reused,
+             stats.dropped)
     return {"images": stats.wanted, "items": stats.wanted, "computed": stats.computed, "reused": stats.reused,
-            "rate": round(rate, 3)}
+            "rate": round(rate, 3), "model_loads": len(run.loads)}
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("generate", ["out"], argv)
-    return generate_flow(params.generate, args.out)
+    return generate_flow(params.generate, args.out, params.runner)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,54 @@ class Alerts(Section):
         return v
 
 
+class Runner(Section):
+    """Where item batches and stages run: never what they compute (outputs are
+    byte-identical on every runner), so no stage depends on it."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None: start a cluster
+    n_workers: int = Field(default=2, ge=1)  # LocalCluster's workers (processes)
+    threads_per_worker: int = Field(default=1, ge=1)
+    cluster_class: str | None = None  # instead of LocalCluster: dask_cuda.LocalCUDACluster, dask_jobqueue.SLURMCluster
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)  # that class's arguments
+    adapt: dict[str, int] | None = None  # adaptive scaling, e.g. {minimum: 1, maximum: 8}
+    parallel_stages: int = Field(default=2, ge=1)  # stale stages with their upstream done that run at once
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError(f"must be a Dask scheduler address like tcp://host:8786, got {v!r}")
+        return v
+
+    @field_validator("cluster_class")
+    @classmethod
+    def _cluster_class(cls, v: str | None) -> str | None:
+        import importlib.util
+
+        if v is None:
+            return v
+        module, _, name = v.rpartition(".")
+        if not module or not name:
+            raise ValueError(f"must be a dotted class path like dask_cuda.LocalCUDACluster, got {v!r}")
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ValueError(f"{v!r}: module {module!r} is not installed (pip install {module.split('.')[0].replace('_', '-')})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> "Runner":
+        if self.address and (self.cluster_class or self.cluster_kwargs or self.adapt):
+            raise ValueError("address attaches to a running cluster: leave cluster_class, cluster_kwargs and adapt unset")
+        return self
+
+
 class Params(Section):
-    RUNTIME = frozenset({"alerts"})  # who hears of failures is not the experiment
+    # who hears of failures, and where batches run, are not the experiment
+    RUNTIME = frozenset({"alerts", "runner"})
 
     toyworld: Toyworld
     train_generator: TrainGenerator
@@ -192,6 +238,7 @@ class Params(Section):
     train_detector: TrainDetector
     evaluate: Evaluate
     alerts: Alerts = Alerts()
+    runner: Runner = Runner()
 
 
 class ParamsError(ValueError):

@@ -200,18 +200,21 @@ class ShardStore:
     def update(
         self,
         wanted: Sequence[tuple[str, Any]],
-        compute: Callable[[list[Any]], pa.Table],
+        compute: Callable[[list[Any]], pa.Table] | None,
         batch_size: int,
         progress: Callable[[int], None] | None = None,
         prepare: Callable[[list[Any]], Any] | None = None,
         prefetch: int = 2,
+        run: Callable[[list[list[Any]]], Iterator[tuple[int, pa.Table]]] | None = None,
     ) -> UpdateStats:
         """Make the table hold exactly `wanted` (key, spec) items, in order.
 
         `compute(x)` returns a table of `self.schema` with one row per spec of
         the batch, in order, its `key` column set to the specs' keys; `x` is
         the batch's specs, or `prepare(specs)` when `prepare` is given (run
-        in a background thread, `prefetch` batches ahead).
+        in a background thread, `prefetch` batches ahead).  Or `run(batches)`
+        yields (index, table) for every batch of specs, in any order (a runner,
+        mirage/runner.py): the output is the same whatever order they come in.
         """
         keys = [k for k, _ in wanted]
         if len(set(keys)) != len(keys):
@@ -223,15 +226,28 @@ class ShardStore:
         work = self.root / WORK
         pooled = sum(1 for k, _ in wanted if k in index and self._pooled(index[k][0]))
         chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-        make = prepare or (lambda specs: specs)
-        ahead = prefetch if prepare else 0
-        for chunk, x in prepared_ahead(chunks, lambda pairs: make([s for _, s in pairs]), ahead):
+        if run is None:
+            make = prepare or (lambda specs: specs)
+            ahead = prefetch if prepare else 0
+
+            def run(batches):
+                for i, (_, x) in enumerate(prepared_ahead(batches, make, ahead)):
+                    try:
+                        yield i, compute(x)
+                    except Exception as err:
+                        err.batch_index = i
+                        raise
+        results = run([[s for _, s in chunk] for chunk in chunks])
+        while True:
             try:
-                table = compute(x)
+                i, table = next(results)
+            except StopIteration:
+                break
             except Exception as err:  # name the items: the run's failure message shows it
-                ids = [k[:16] for k, _ in chunk]
+                ids = [k[:16] for k, _ in chunks[getattr(err, "batch_index", 0)]] if chunks else []
                 err.add_note(f"items {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)} in the batch) of {self.root}")
                 raise
+            chunk = chunks[i]
             got = table.column("key").to_pylist()
             if got != [k for k, _ in chunk]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")

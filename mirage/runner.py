@@ -1,0 +1,249 @@
+"""Where a stage's batches run: in this process, or as Prefect tasks on Dask workers.
+
+A stage describes its work as a *job*: a small picklable object (the stage's
+params) with
+- `load_key()`: what `load()` builds, e.g. (model, device, dtype);
+- `load()`: the heavy part, built once per process (models);
+- `describe(loaded, *args)`: facts the stage plans with (the model's
+  fingerprint, its native size, its embedding width), computed where the model is;
+- `prepare(loaded, batch)` and `compute(loaded, prepared)`: one batch's rows.
+
+Each process (this one, or a Dask worker) loads a job once and reuses it for
+all its batches: the model is never pickled with a task.  Results come back
+in any order; the store writes them in key order, so the runner never changes
+a byte of the output (`runner` is in no item key and no stage's params).
+Dask reschedules the batches of a worker that dies; batches already back are
+in the store's work area and are not recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, Sequence
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mirage import faults
+from mirage.params import Runner
+
+_LOADED: "OrderedDict[Any, tuple[str, Any]]" = OrderedDict()
+_LOADED_LOCK = threading.Lock()
+KEEP_LOADED = 2  # jobs kept loaded per process (two stages may run at once)
+
+
+def loaded(job) -> tuple[str, Any]:
+    """(load id, job.load()) for this process, loading it on first use.  The
+    load id is unique per load: counting distinct ids counts model loads."""
+    key = job.load_key()
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+    obj = job.load()  # outside the lock: another stage's job may load meanwhile
+    with _LOADED_LOCK:
+        entry = _LOADED.setdefault(key, (f"{os.getpid()}-{uuid.uuid4().hex[:8]}", obj))
+        while len(_LOADED) > KEEP_LOADED:
+            _LOADED.popitem(last=False)
+        return entry
+
+
+def release(job) -> None:
+    """Drop this process's loaded copy of `job` (its models)."""
+    with _LOADED_LOCK:
+        _LOADED.pop(job.load_key(), None)
+
+
+def _note_batch(err: BaseException, index: int) -> BaseException:
+    err.batch_index = index  # the store names the batch's items
+    return err
+
+
+# -- the work a Dask worker does ---------------------------------------------
+@task(name="describe", cache_policy=NO_CACHE)
+def describe_task(job, args: tuple) -> tuple[str, Any]:
+    load_id, obj = loaded(job)
+    return load_id, job.describe(obj, *args)
+
+
+@task(name="batch", cache_policy=NO_CACHE)
+def batch_task(job, index: int, batch: Any) -> tuple[int, Any, str, float]:
+    """One batch on a worker: (index, rows, load id, seconds computing)."""
+    load_id, obj = loaded(job)
+    faults.point("dask-batch")  # tests: a worker killed mid-stage
+    start = time.perf_counter()
+    out = job.compute(obj, job.prepare(obj, batch))
+    return index, out, load_id, time.perf_counter() - start
+
+
+# -- runners -----------------------------------------------------------------
+class LocalRunner:
+    """Batches in this process, in order, `prefetch` batches prepared ahead
+    in a background thread."""
+
+    kind = "local"
+
+    def __init__(self):
+        self.loads: set[str] = set()
+        self.compute_seconds = 0.0
+        self._jobs: list = []
+
+    def __enter__(self) -> "LocalRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for job in self._jobs:
+            release(job)  # a stage's models are not kept after it ends
+
+    def _loaded(self, job) -> Any:
+        load_id, obj = loaded(job)
+        self.loads.add(load_id)
+        self._jobs.append(job)
+        return obj
+
+    def describe(self, job, *args) -> Any:
+        return job.describe(self._loaded(job), *args)
+
+    def map(self, job, batches: Sequence[Any], fetch: Callable[[Any], Any] | None = None,
+            prefetch: int = 0) -> Iterator[tuple[int, Any]]:
+        """(index, rows) of every batch; `fetch(batch)` first adds its inputs
+        (e.g. image bytes), in batch order."""
+        from mirage.store import prepared_ahead
+
+        obj = self._loaded(job)
+        fetch = fetch or (lambda b: b)
+        ahead = prepared_ahead(batches, lambda b: job.prepare(obj, fetch(b)), prefetch)
+        for index, (_, prepared) in enumerate(ahead):
+            start = time.perf_counter()
+            try:
+                out = job.compute(obj, prepared)
+            except Exception as err:
+                raise _note_batch(err, index)
+            self.compute_seconds += time.perf_counter() - start
+            yield index, out
+
+
+class DaskRunner:
+    """Batches as Prefect tasks (one task run each) on a `prefect_dask.DaskTaskRunner`:
+    a LocalCluster of `n_workers` x `threads_per_worker`, `cluster_class` with
+    `cluster_kwargs`, or the scheduler at `address`.  At most `window` batches
+    are in flight, so memory holds a few batches whatever the table's size."""
+
+    kind = "dask"
+
+    def __init__(self, cfg: Runner, stage: str):
+        self.cfg, self.stage = cfg, stage
+        self.loads: set[str] = set()
+        self.compute_seconds = 0.0
+        self._stack = contextlib.ExitStack()
+        self.task_runner = None
+
+    def __enter__(self) -> "DaskRunner":
+        from prefect_dask import DaskTaskRunner
+
+        cfg = self.cfg
+        if cfg.address:
+            kwargs = {"address": cfg.address}
+        else:
+            cluster = dict(cfg.cluster_kwargs)
+            if not cfg.cluster_class:  # a LocalCluster: on this machine only, no web dashboard
+                cluster = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
+                           "processes": True, "host": "127.0.0.1", "dashboard_address": None} | cluster
+            kwargs = {"cluster_class": cfg.cluster_class, "cluster_kwargs": cluster, "adapt_kwargs": cfg.adapt}
+        self._stack.enter_context(_worker_environment(pin_threads=not cfg.address and not cfg.cluster_class))
+        self.task_runner = self._stack.enter_context(DaskTaskRunner(**kwargs))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def window(self) -> int:
+        threads = sum(self.task_runner.client.nthreads().values()) or 1
+        return max(2, 2 * threads)
+
+    def describe(self, job, *args) -> Any:
+        task = describe_task.with_options(name=f"{self.stage}-describe")
+        load_id, out = self.task_runner.submit(task, {"job": job, "args": args}).result()
+        self.loads.add(load_id)
+        return out
+
+    def map(self, job, batches: Sequence[Any], fetch: Callable[[Any], Any] | None = None,
+            prefetch: int = 0) -> Iterator[tuple[int, Any]]:
+        """(index, rows) as batches finish, in any order; `fetch(batch)` runs
+        here, in batch order, just before the batch is sent."""
+        import distributed
+
+        task = batch_task.with_options(name=f"{self.stage}-batch")
+        fetch = fetch or (lambda b: b)
+        todo = iter(enumerate(batches))
+        pending: dict = {}  # dask future -> (index, prefect future)
+
+        def send() -> None:
+            for index, batch in todo:
+                future = self.task_runner.submit(task, {"job": job, "index": index, "batch": fetch(batch)})
+                pending[future.wrapped_future] = (index, future)
+                if len(pending) >= self.window():
+                    return
+
+        send()
+        try:
+            while pending:
+                with distributed.Client.as_current(self.task_runner.client):
+                    done, _ = distributed.wait(list(pending), return_when="FIRST_COMPLETED")
+                for wrapped in done:
+                    index, future = pending.pop(wrapped)
+                    try:
+                        _, out, load_id, seconds = future.result()
+                    except Exception as err:
+                        raise _note_batch(err, index)
+                    self.loads.add(load_id)
+                    self.compute_seconds += seconds
+                    yield index, out
+                send()
+        finally:
+            for wrapped in pending:
+                wrapped.cancel()
+
+
+def open_runner(cfg: Runner, stage: str) -> LocalRunner | DaskRunner:
+    """The runner `runner.kind` asks for (use as a context manager)."""
+    return DaskRunner(cfg, stage) if cfg.kind == "dask" else LocalRunner()
+
+
+@contextlib.contextmanager
+def _worker_environment(pin_threads: bool):
+    """What worker processes started from here inherit: the Prefect API this
+    run reports to (else each worker would start a temporary server of its
+    own), quiet Dask logs and, with `pin_threads` (a LocalCluster), this
+    process's number of intra-op threads.  CPU float results depend on that
+    count (Dask's default is 1 per worker): pinned, a LocalCluster computes
+    the same bytes as the local runner on this machine."""
+    import dask
+    import torch
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url).rstrip("/")
+    env = {"PREFECT_API_URL": api_url, "DASK_LOGGING__DISTRIBUTED": "warning"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if not os.environ.get(k)})
+    level = logging.getLogger("distributed").level
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    threads = str(torch.get_num_threads())
+    pinned = {f"distributed.nanny.pre-spawn-environ.{k}": threads
+              for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} if pin_threads else {}
+    try:
+        with dask.config.set(pinned):
+            yield
+    finally:
+        logging.getLogger("distributed").setLevel(level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
