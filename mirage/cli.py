@@ -86,6 +86,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from mirage import remote
+
+    sent = remote.push(Path(args.root).resolve(), args.remote, args.jobs)
+    print(f"pushed {sent} file(s) to the DVC remote")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mirage import remote
+
+    fetched, still = remote.pull(Path(args.root).resolve(), args.remote, args.jobs)
+    print(f"pulled {fetched} file(s) from the DVC remote")
+    print("nothing stale: `mirage run` would run no stage" if not still else
+          f"still stale (`mirage status` says why): {', '.join(still)}")
+    return 0
+
+
 def cmd_eval_coco(args: argparse.Namespace) -> int:
     import json
 
@@ -156,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=cmd_serve)
     status = sub.add_parser("status", help="show the stale stages and why")
     status.set_defaults(func=cmd_status)
+    for name, func, text in (("push", cmd_push, "upload data and models dvc.lock records to the DVC remote"),
+                             ("pull", cmd_pull, "download them (a fresh clone then has nothing stale)")):
+        share = sub.add_parser(name, help=text)
+        share.add_argument("-r", "--remote", help="a remote by name (default: the project's default remote)")
+        share.add_argument("-j", "--jobs", type=int, help="parallel transfers (DVC's default if unset)")
+        share.set_defaults(func=func)
     coco = sub.add_parser("eval-coco", help="class-agnostic COCO AP of a detector (and --discovery CorLoc) on any COCO-format dataset")
     coco.add_argument("--annotations", required=True, help="COCO detection JSON (instances_*.json)")
     coco.add_argument("--images", required=True, help="folder the file_name entries are relative to")

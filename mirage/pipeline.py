@@ -9,10 +9,12 @@ the whole run, so `mirage run` and `dvc repro` on one workspace serialise.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import json
 import shlex
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,13 +179,19 @@ def explain(root: Path) -> Status:
     return Status({n: why[n] for n in stages if n in why}, downstream, frozen)
 
 
-def run_stage_inprocess(cmd: str):
-    """Run `python -m flows.X ARGS` from dvc.yaml in this process (never via a
-    shell); returns what the stage's flow returned."""
+def stage_module(cmd: str):
+    """The module of a `python -m flows.X ARGS` command from dvc.yaml, imported, and ARGS."""
     argv = shlex.split(cmd)
     if len(argv) < 3 or argv[:2] != ["python", "-m"] or not argv[2].startswith("flows."):
         raise ValueError(f"stage command {cmd!r} is not 'python -m flows.<stage> ...'")
-    return importlib.import_module(argv[2]).main(argv[3:])
+    return importlib.import_module(argv[2]), argv[3:]
+
+
+def run_stage_inprocess(cmd: str):
+    """Run `python -m flows.X ARGS` from dvc.yaml in this process (never via a
+    shell); returns what the stage's flow returned."""
+    module, args = stage_module(cmd)
+    return module.main(args)
 
 
 def restore_from_run_cache(repo, stage) -> bool:
@@ -236,55 +244,129 @@ def workspace_lock(repo):
         cm.__exit__(None, None, None)
 
 
+def upstream_stages(repo, stages: list) -> dict[str, set[str]]:
+    """Stage name -> the names of the stages whose outputs it reads."""
+    graph = repo.index.graph  # edges: stage -> a stage it depends on
+    return {s.name: {u.name for u in graph.successors(s) if u.cmd} for s in stages}
+
+
+def _timed_stage(cmd: str) -> tuple[object, float]:
+    start = time.perf_counter()
+    output = run_stage_inprocess(cmd)
+    return output, time.perf_counter() - start
+
+
 def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
                params: params_mod.Params | None = None) -> list[StageResult]:
-    """Run every stale stage in dvc.yaml order in this process, each recorded
-    in dvc.lock as it finishes (`dvc commit`); `on_stage(repo, stage, result)`
-    is called after each one that ran.  With `params`, the configured models
-    are checked first when something is to run (a no-op stays as cheap as
-    `dvc status`).  Call inside a Prefect flow: each stage's flow is then its
-    child flow run."""
+    """Run every stale stage in this process, each recorded in dvc.lock as it
+    finishes (`dvc commit`); `on_stage(repo, stage, result)` is called after
+    each one that ran.  Stale stages whose upstream stages are done start at
+    once, up to `runner.parallel_stages` at a time, each in a thread; DVC's
+    status, commits and run-cache stay in this thread, under DVC's repo lock,
+    and stages are committed in dvc.yaml order, so dvc.lock ends exactly as a
+    sequential run writes it.  With `params`, the configured models are
+    checked first when something is to run (a no-op stays as cheap as `dvc
+    status`).  Call inside a Prefect flow: each stage's flow is then its child
+    flow run, and with `runner.kind: dask` they share one cluster."""
     from mirage.model_checks import check_models
+    from mirage.runner import shared_cluster
     from prefect import get_run_logger
 
     import yaml
 
     log = get_run_logger()
     repo = _repo(Path(root))
-    results = []
     with workspace_lock(repo):
+        order = stage_order(repo)
         if not force and not train and not stale_in(repo):
-            return [StageResult(s.name, ran=False) for s in stage_order(repo)]
+            return [StageResult(s.name, ran=False) for s in order]
         if params is not None:
             check_models(params)  # a model that cannot be loaded fails here, naming its key, before any stage
+        runner = params.runner if params is not None else params_mod.Runner()
         current = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
-        for stage in stage_order(repo):
+        upstream = upstream_stages(repo, order)
+        results: dict[str, StageResult] = {}  # decided and, if it ran, committed
+        finished: dict[str, StageResult] = {}  # ran, not yet committed
+        done: set[str] = set()  # outputs final: downstream stages may start
+        running: dict = {}  # future -> (stage, why)
+        failures: list[StageFailed] = []
+
+        def decide(stage) -> None:
+            """Skip `stage`, restore it from the run-cache, or start it."""
             if stage.frozen and stage.name not in train:
-                results.append(StageResult(stage.name, ran=False))
-                continue
+                results[stage.name] = StageResult(stage.name, ran=False)
+                done.add(stage.name)
+                return
             why = [line for changes in repo.status(targets=[stage.addressing]).values()
                    for line in in_words(changes, stage, current)]
             if not why and not force and stage.name not in train:
-                results.append(StageResult(stage.name, ran=False))
-                continue
+                results[stage.name] = StageResult(stage.name, ran=False)
+                done.add(stage.name)
+                return
             log.info("stage %s: running (%s)", stage.name, "; ".join(why or ["forced"])[:500])
             start = time.perf_counter()
-            restored = not force and stage.name not in train and restore_from_run_cache(repo, stage)
-            try:
-                output = None if restored else run_stage_inprocess(stage.cmd)
-            except Exception as err:
-                raise StageFailed(stage.name, err) from err
+            stage_module(stage.cmd)  # imported here, once: stages side by side start at once, not one import apart
+            if not force and stage.name not in train and restore_from_run_cache(repo, stage):
+                log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
+                finished[stage.name] = StageResult(stage.name, True, time.perf_counter() - start, why, None, True)
+                done.add(stage.name)
+                return
+            # the child flow runs in a thread with this flow run's context, so it is a child flow run
+            running[pool.submit(contextvars.copy_context().run, _timed_stage, stage.cmd)] = (stage, why)
+
+        def start_ready() -> None:
+            progress = True
+            while progress and not failures:
+                progress = False
+                for stage in order:
+                    if len(running) >= runner.parallel_stages:
+                        return
+                    decided = stage.name in results or stage.name in finished or any(
+                        s is stage for s, _ in running.values())
+                    pinned = stage.frozen and stage.name not in train  # its outputs are final: nothing to wait for
+                    if not decided and (pinned or upstream[stage.name] <= done):
+                        decide(stage)
+                        progress = True
+
+        def commit(name: str) -> None:
+            stage = next(s for s in order if s.name == name)
+            result = finished.pop(name)
             repo.commit(stage.addressing, force=True)
-            if not restored:
+            if not result.restored:
                 repo.stage_cache.save(repo.stage.get_target(stage.addressing))  # a later switch back restores it
             repo._reset()  # re-read dvc.lock before the next stage's status
-            if restored:
-                log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
-            result = StageResult(stage.name, True, time.perf_counter() - start, why, output, restored)
-            results.append(result)
+            results[name] = result
             if on_stage:
                 on_stage(repo, repo.stage.get_target(stage.addressing), result)
-    return results
+
+        def commit_in_order() -> None:
+            for stage in order:
+                if stage.name in finished:
+                    commit(stage.name)
+                elif stage.name not in results:
+                    return  # a stage before the rest is not decided yet: dvc.lock keeps dvc.yaml's order
+
+        with shared_cluster(runner), ThreadPoolExecutor(runner.parallel_stages, thread_name_prefix="mirage-stage") as pool:
+            start_ready()
+            while running:
+                ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in ended:
+                    stage, why = running.pop(future)
+                    try:
+                        output, seconds = future.result()
+                    except Exception as err:
+                        failures.append(StageFailed(stage.name, err))
+                        failures[-1].__cause__ = err
+                        continue
+                    finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
+                    done.add(stage.name)
+                commit_in_order()
+                start_ready()
+        for name in [s.name for s in order if s.name in finished]:
+            commit(name)  # after a failure: what finished is recorded, whatever the order
+        if failures:
+            raise failures[0]
+    return [results[s.name] for s in order if s.name in results]
 
 
 def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = ()) -> params_mod.Params:

@@ -147,15 +147,13 @@ class DaskRunner:
         from prefect_dask import DaskTaskRunner
 
         cfg = self.cfg
-        if cfg.address:
-            kwargs = {"address": cfg.address}
+        if cfg.address or _SHARED:  # a running cluster: the user's, or this pipeline run's
+            kwargs = {"address": cfg.address or _SHARED["address"]}
         else:
-            cluster = dict(cfg.cluster_kwargs)
-            if not cfg.cluster_class:  # a LocalCluster: on this machine only, no web dashboard
-                cluster = {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
-                           "processes": True, "host": "127.0.0.1", "dashboard_address": None} | cluster
-            kwargs = {"cluster_class": cfg.cluster_class, "cluster_kwargs": cluster, "adapt_kwargs": cfg.adapt}
-        self._stack.enter_context(_worker_environment(pin_threads=not cfg.address and not cfg.cluster_class))
+            kwargs = {"cluster_class": cfg.cluster_class, "cluster_kwargs": cluster_kwargs(cfg),
+                      "adapt_kwargs": cfg.adapt}
+        if not _SHARED:
+            self._stack.enter_context(_worker_environment(pin_threads=not cfg.address and not cfg.cluster_class))
         self.task_runner = self._stack.enter_context(DaskTaskRunner(**kwargs))
         return self
 
@@ -208,6 +206,41 @@ class DaskRunner:
         finally:
             for wrapped in pending:
                 wrapped.cancel()
+
+
+_SHARED: dict[str, str] = {}  # {"address": ...} of the cluster this pipeline run shares
+
+
+def cluster_kwargs(cfg: Runner) -> dict[str, Any]:
+    """What DaskTaskRunner (or shared_cluster) starts for a stage: a LocalCluster
+    of n_workers x threads_per_worker on 127.0.0.1 (no web dashboard), or
+    cluster_class(**cluster_kwargs)."""
+    if cfg.cluster_class:
+        return dict(cfg.cluster_kwargs)
+    return {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": None} | dict(cfg.cluster_kwargs)
+
+
+@contextlib.contextmanager
+def shared_cluster(cfg: Runner):
+    """One cluster for all the stages of a pipeline run (`runner.kind: dask`
+    without an address): workers start, and load each model, once per run
+    instead of once per stage."""
+    if cfg.kind != "dask" or cfg.address or _SHARED:
+        yield
+        return
+    import distributed
+    from prefect.utilities.importtools import from_qualified_name
+
+    make = from_qualified_name(cfg.cluster_class) if cfg.cluster_class else distributed.LocalCluster
+    with _worker_environment(pin_threads=not cfg.cluster_class), make(**cluster_kwargs(cfg)) as cluster:
+        if cfg.adapt:
+            cluster.adapt(**cfg.adapt)
+        _SHARED["address"] = cluster.scheduler_address
+        try:
+            yield
+        finally:
+            _SHARED.clear()
 
 
 def open_runner(cfg: Runner, stage: str) -> LocalRunner | DaskRunner:
