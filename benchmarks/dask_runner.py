@@ -1,6 +1,7 @@
 """Dask runner vs local runner on the toy data, side by side in one run.
 
-The toy generate stage makes the images (300 by default, params.yaml); then,
+The toy images: the project's data/generated (300, after `mirage run`), or the
+toy generate stage makes them; then,
 interleaved, features and discover run on the local runner (batches in this
 process, torch on every core) and on a Dask LocalCluster of 2 workers x 1
 thread (`runner.kind: dask`), each writing a fresh table.  The cluster is
@@ -58,12 +59,15 @@ def main() -> None:
                         help="features batch size (params.yaml: 128, 3 batches for 300 images: too few for 2 workers)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--noop-batches", type=int, default=64)
+    parser.add_argument("--images", help="a generated images table (default: the project's data/generated after "
+                                         "`mirage run`, else the toy generate stage makes one, ~2 min)")
     args = parser.parse_args()
 
     from flows.discover import discover_flow
     from flows.features import features_flow
     from flows.generate import generate_flow
     from mirage.runner import DaskRunner, shared_cluster
+    from mirage.store import iter_rows
 
     p = project_params()
     root = Path(__file__).resolve().parents[1]
@@ -75,9 +79,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mirage-bench-dask-"))
     try:
         with prefect_server():
-            images = tmp / "images"
-            seconds, _ = timed(generate_flow, gen, str(images), local)
-            print(f"toy images: {gen.per_prompt * len(gen.classes)} generated in {seconds:.1f} s (local runner)")
+            found = root / "data" / "generated" / "manifest.json"
+            images = Path(args.images) if args.images else found.parent if found.exists() else tmp / "images"
+            if not (images / "manifest.json").exists():
+                seconds, _ = timed(generate_flow, gen, str(images), local)
+                print(f"toy images: {gen.per_prompt * len(gen.classes)} generated in {seconds:.1f} s (local runner)")
 
             def stage(name: str, runner, out: Path):
                 if name == "features":
@@ -92,7 +98,7 @@ def main() -> None:
                 for name in ("features", "discover"):  # cold: workers import and load the models
                     cold[name], _ = stage(name, dask, tmp / "dask-cold")
                 times = {(n, k): [] for n in ("features", "discover") for k in ("local", "dask")}
-                same = True
+                same = {"features": True, "objects": True}
                 for r in range(args.repeats):
                     for kind, runner in (("local", local), ("dask", dask)):
                         out = tmp / f"{kind}-{r}"
@@ -100,14 +106,14 @@ def main() -> None:
                             seconds, result = stage(name, runner, out)
                             assert result["computed"] == result["items"], result
                             times[(name, kind)].append(seconds)
-                    for part in ("features", "objects"):
-                        same &= digest(tmp / f"local-{r}" / part) == digest(tmp / f"dask-{r}" / part)
+                    for part in same:
+                        same[part] &= digest(tmp / f"local-{r}" / part) == digest(tmp / f"dask-{r}" / part)
                 with DaskRunner(dask, "noop") as runner:
                     batches = list(range(args.noop_batches))
                     list(runner.map(NoopJob(), batches[:4]))  # warm: the job's first load on each worker
                     noop, _ = timed(lambda: list(runner.map(NoopJob(), batches)))
 
-        n = gen.per_prompt * len(gen.classes)
+        n = sum(1 for _ in iter_rows(images, ["key"]))
         print(f"\nDask LocalCluster 2 workers x 1 thread vs local runner, {n} toy images, median of {args.repeats} "
               f"interleaved repeats (warm cluster):")
         for name in ("features", "discover"):
@@ -115,7 +121,7 @@ def main() -> None:
             print(f"  {name:<9} local {n / lo:7.1f} img/s ({lo:.1f} s)   dask {n / da:7.1f} img/s ({da:.1f} s)   "
                   f"throughput ratio dask/local {lo / da:.2f}   (cold first dask run {cold[name]:.1f} s)")
         print(f"  cluster start (2 worker processes): {started:.1f} s")
-        print(f"  outputs byte-identical to the local runner's: {same}")
+        print(f"  outputs byte-identical to the local runner's (features, discover): {same}")
         print(f"  task overhead: {noop / args.noop_batches * 1000:.0f} ms of scheduling per batch "
               f"({args.noop_batches} empty batches in {noop:.2f} s on 2 workers)")
     finally:

@@ -94,7 +94,7 @@ class DiscoverJob:
         return discover_batch(encoder, self.cfg, self.grid, rows)
 
 
-BATCH = 64  # images per discover batch: a few batches per worker on the toy data
+BATCH = 32  # images per discover batch: 10 for the 300 toy images, an even split over Dask workers
 
 
 @flow(name="discover")

@@ -8,6 +8,7 @@ text embeddings.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from mirage.devices import resolve_device
 from mirage.fingerprint import encoder_spec
 from mirage.images import decode_png
 from mirage.models import ImageEncoder, load_encoder, load_patch_backbone
-from mirage.params import Discover, Params
+from mirage.params import Discover, Features, Params
+from mirage.runner import open_runner
 from mirage.stage import parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
 from tasks.evaluate import (detector_metrics, discovered_boxes, discovery_metrics, draw_grid, prompt_alignment,
@@ -38,11 +40,39 @@ def load_test_split(test: str, classes: list[str]) -> dict:
     }
 
 
-def discover_split(backbone, images: np.ndarray, cfg: Discover, batch: int = 128) -> list[dict[str, np.ndarray]]:
-    """Discovered boxes per test image, patch features computed on the fly."""
-    sizes = [images.shape[1:3]] * batch
-    return [f for start in range(0, len(images), batch)
-            for f in discovered_boxes(backbone, images[start : start + batch], sizes, cfg)]
+@dataclass(frozen=True)
+class SplitDiscoveryJob:
+    """Discovery on evaluation images, patch features computed on the fly,
+    wherever it runs (mirage/runner.py); `random_seed`: the same backbone with
+    random weights (the baseline)."""
+
+    fcfg: Features
+    dcfg: Discover
+    generator: str
+    random_seed: int | None = None
+
+    def load_key(self) -> tuple:
+        f = self.fcfg
+        return ("split-discovery", f.encoder, f.device, f.dtype, f.patch_backbone, self.generator, self.random_seed)
+
+    def load(self):
+        encoder = load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
+        return load_patch_backbone(self.fcfg.patch_backbone, encoder, self.generator, random_seed=self.random_seed)
+
+    def describe(self, backbone) -> dict:
+        return {}
+
+    def prepare(self, backbone, images: np.ndarray) -> np.ndarray:
+        return images
+
+    def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return discovered_boxes(backbone, images, [images.shape[1:3]] * len(images), self.dcfg)
+
+
+def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128) -> list[dict[str, np.ndarray]]:
+    """Discovered boxes per test image, in order, on the runner `run`."""
+    found = dict(run.map(job, [images[start : start + batch] for start in range(0, len(images), batch)]))
+    return [f for i in range(len(found)) for f in found[i]]
 
 
 def detector_rounds(detector: str, gt: dict, score_thresh: float) -> tuple[list[dict], list[np.ndarray], list[dict]]:
@@ -90,9 +120,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
     cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
     gt = load_test_split(test, list(dcfg.classes))
     encoder = load_encoder(encoder_spec(fcfg.encoder), resolve_device(fcfg.device), fcfg.dtype)
-    learned = discover_split(load_patch_backbone(fcfg.patch_backbone, encoder, params.generate.model), gt["images"], dcfg)
-    baseline = load_patch_backbone(fcfg.patch_backbone, encoder, params.generate.model, random_seed=cfg.random_seed)
-    random = discover_split(baseline, gt["images"], dcfg)
+    with open_runner(params.runner, "evaluate") as run:  # the test split's discovery: on Dask workers with kind dask
+        learned = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model), gt["images"])
+        random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed), gt["images"])
     size = gt["images"].shape[1:3]
     found = discovery_metrics(learned, gt["boxes"], size, cfg.iou)
     rounds, curves, dets = detector_rounds(detector, gt, cfg.score_thresh)

@@ -191,7 +191,15 @@ class Runner(Section):
     cluster_class: str | None = None  # instead of LocalCluster: dask_cuda.LocalCUDACluster, dask_jobqueue.SLURMCluster
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict)  # that class's arguments
     adapt: dict[str, int] | None = None  # adaptive scaling, e.g. {minimum: 1, maximum: 8}
+    batches_per_task: int | Literal["auto"] = "auto"  # Dask: batches one Prefect task computes (auto: <= 8)
     parallel_stages: int = Field(default=2, ge=1)  # stale stages with their upstream done that run at once
+
+    @field_validator("batches_per_task")
+    @classmethod
+    def _per_task(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or auto")
+        return v
 
     @field_validator("address")
     @classmethod

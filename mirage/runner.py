@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -72,13 +73,17 @@ def describe_task(job, args: tuple) -> tuple[str, Any]:
 
 
 @task(name="batch", cache_policy=NO_CACHE)
-def batch_task(job, index: int, batch: Any) -> tuple[int, Any, str, float]:
-    """One batch on a worker: (index, rows, load id, seconds computing)."""
+def batch_task(job, first: int, batches: list) -> tuple[int, list, str, float]:
+    """Consecutive batches on a worker: (index of the first, their rows, load id,
+    seconds computing).  Each batch is computed on its own, as on the local
+    runner: grouping them only spares Prefect's per-task cost."""
     load_id, obj = loaded(job)
-    faults.point("dask-batch")  # tests: a worker killed mid-stage
     start = time.perf_counter()
-    out = job.compute(obj, job.prepare(obj, batch))
-    return index, out, load_id, time.perf_counter() - start
+    outs = []
+    for batch in batches:
+        faults.point("dask-batch")  # tests: a worker killed mid-stage
+        outs.append(job.compute(obj, job.prepare(obj, batch)))
+    return first, outs, load_id, time.perf_counter() - start
 
 
 # -- runners -----------------------------------------------------------------
@@ -160,10 +165,6 @@ class DaskRunner:
     def __exit__(self, *exc) -> None:
         self._stack.__exit__(*exc)
 
-    def window(self) -> int:
-        threads = sum(self.task_runner.client.nthreads().values()) or 1
-        return max(2, 2 * threads)
-
     def describe(self, job, *args) -> Any:
         task = describe_task.with_options(name=f"{self.stage}-describe")
         load_id, out = self.task_runner.submit(task, {"job": job, "args": args}).result()
@@ -173,18 +174,21 @@ class DaskRunner:
     def map(self, job, batches: Sequence[Any], fetch: Callable[[Any], Any] | None = None,
             prefetch: int = 0) -> Iterator[tuple[int, Any]]:
         """(index, rows) as batches finish, in any order; `fetch(batch)` runs
-        here, in batch order, just before the batch is sent."""
+        here, in batch order, just before the batch is sent.  Consecutive
+        batches go together in one task (`runner.batches_per_task`)."""
         import distributed
 
         task = batch_task.with_options(name=f"{self.stage}-batch")
         fetch = fetch or (lambda b: b)
-        todo = iter(enumerate(batches))
-        pending: dict = {}  # dask future -> (index, prefect future)
+        per_task = self.batches_per_task(len(batches))
+        groups = iter(range(0, len(batches), per_task))
+        pending: dict = {}  # dask future -> (first index, size, prefect future)
 
         def send() -> None:
-            for index, batch in todo:
-                future = self.task_runner.submit(task, {"job": job, "index": index, "batch": fetch(batch)})
-                pending[future.wrapped_future] = (index, future)
+            for first in groups:
+                group = [fetch(b) for b in batches[first : first + per_task]]
+                future = self.task_runner.submit(task, {"job": job, "first": first, "batches": group})
+                pending[future.wrapped_future] = (first, len(group), future)
                 if len(pending) >= self.window():
                     return
 
@@ -194,18 +198,36 @@ class DaskRunner:
                 with distributed.Client.as_current(self.task_runner.client):
                     done, _ = distributed.wait(list(pending), return_when="FIRST_COMPLETED")
                 for wrapped in done:
-                    index, future = pending.pop(wrapped)
+                    first, size, future = pending.pop(wrapped)
                     try:
-                        _, out, load_id, seconds = future.result()
+                        _, outs, load_id, seconds = future.result()
                     except Exception as err:
-                        raise _note_batch(err, index)
+                        raise _note_batch(err, first)
                     self.loads.add(load_id)
                     self.compute_seconds += seconds
-                    yield index, out
+                    for offset, out in enumerate(outs):
+                        yield first + offset, out
                 send()
         finally:
             for wrapped in pending:
                 wrapped.cancel()
+
+    def threads(self) -> int:
+        return sum(self.task_runner.client.nthreads().values()) or 1
+
+    def window(self) -> int:
+        return max(2, 2 * self.threads())
+
+    def batches_per_task(self, n_batches: int) -> int:
+        """`runner.batches_per_task`; auto: the fewest tasks per worker thread
+        with at most 8 batches each (what a task holds in memory until it
+        returns), so the batches split evenly over the threads: 10 batches on
+        2 threads are 2 tasks of 5; 160 are 20 tasks of 8, balanced as they finish."""
+        if self.cfg.batches_per_task != "auto":
+            return self.cfg.batches_per_task
+        threads = self.threads()
+        per_thread = max(1, math.ceil(n_batches / (threads * 8)))  # tasks per thread
+        return max(1, math.ceil(n_batches / (threads * per_thread)))
 
 
 _SHARED: dict[str, str] = {}  # {"address": ...} of the cluster this pipeline run shares
@@ -268,8 +290,11 @@ def _worker_environment(pin_threads: bool):
     level = logging.getLogger("distributed").level
     logging.getLogger("distributed").setLevel(logging.WARNING)
     threads = str(torch.get_num_threads())
-    pinned = {f"distributed.nanny.pre-spawn-environ.{k}": threads
+    pinned = {f"distributed.nanny.pre-spawn-environ.{k}": threads  # torch's, and numpy's and scipy's BLAS
               for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} if pin_threads else {}
+    if pin_threads:  # more threads than cores: idle threads must sleep, not spin on a core another worker needs
+        pinned["distributed.nanny.pre-spawn-environ.OMP_WAIT_POLICY"] = "PASSIVE"
+        pinned["distributed.nanny.pre-spawn-environ.OPENBLAS_THREAD_TIMEOUT"] = "4"  # OpenBLAS's shortest spin
     try:
         with dask.config.set(pinned):
             yield
