@@ -108,10 +108,12 @@ def main() -> None:
                             times[(name, kind)].append(seconds)
                     for part in same:
                         same[part] &= digest(tmp / f"local-{r}" / part) == digest(tmp / f"dask-{r}" / part)
-                with DaskRunner(dask, "noop") as runner:
-                    batches = list(range(args.noop_batches))
-                    list(runner.map(NoopJob(), batches[:4]))  # warm: the job's first load on each worker
-                    noop, _ = timed(lambda: list(runner.map(NoopJob(), batches)))
+                noop = {}
+                for per_task in ("auto", 1):
+                    with DaskRunner(dask.model_copy(update={"batches_per_task": per_task}), "noop") as runner:
+                        batches = list(range(args.noop_batches))
+                        list(runner.map(NoopJob(), batches[:4]))  # warm: the job's first load on each worker
+                        noop[per_task], _ = timed(lambda: list(runner.map(NoopJob(), batches)))
 
         n = sum(1 for _ in iter_rows(images, ["key"]))
         print(f"\nDask LocalCluster 2 workers x 1 thread vs local runner, {n} toy images, median of {args.repeats} "
@@ -122,8 +124,10 @@ def main() -> None:
                   f"throughput ratio dask/local {lo / da:.2f}   (cold first dask run {cold[name]:.1f} s)")
         print(f"  cluster start (2 worker processes): {started:.1f} s")
         print(f"  outputs byte-identical to the local runner's (features, discover): {same}")
-        print(f"  task overhead: {noop / args.noop_batches * 1000:.0f} ms of scheduling per batch "
-              f"({args.noop_batches} empty batches in {noop:.2f} s on 2 workers)")
+        print(f"  task overhead: {noop['auto'] / args.noop_batches * 1000:.0f} ms of scheduling per batch "
+              f"({args.noop_batches} empty batches in {noop['auto']:.2f} s on 2 workers, batches_per_task auto); "
+              f"{noop[1] / args.noop_batches * 1000:.0f} ms per batch with one batch per task "
+              f"({noop[1]:.2f} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -39,4 +39,4 @@ def pull(root: Path, remote: str | None = None, jobs: int | None = None) -> tupl
             if type(err).__module__.startswith("dvc"):
                 raise _remote_error(err) from err
             raise
-    return int(stats.get("fetched", 0)), stale(root)
+    return int(stats.get("stats", stats).get("fetched", 0)), stale(root)

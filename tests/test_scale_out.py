@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_independent_stages_run_at_the_same_time(tmp_path):
     assert (sequential / "dvc.lock").read_bytes() == (parallel / "dvc.lock").read_bytes()
 
 
-def test_remote_push_then_a_fresh_clone_pulls_and_runs_nothing(finished, tmp_path):
+def test_remote_push_then_a_fresh_clone_pulls_and_runs_nothing(finished, tmp_path, capsys):
     """`mirage push` to a local-folder remote; a fresh clone (git) runs `mirage
     pull`: `dvc status` is clean and `mirage run` executes no stage."""
     import shutil
@@ -160,7 +161,10 @@ def test_remote_push_then_a_fresh_clone_pulls_and_runs_nothing(finished, tmp_pat
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(source), str(clone)], check=True)
     assert not (clone / "data").exists()
+    capsys.readouterr()
     assert cli_main(["--root", str(clone), "pull"]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"pulled [1-9]\d* file", said) and "nothing stale" in said, said
     with Repo(str(clone)) as repo:
         assert repo.status() == {}
     from mirage import pipeline
