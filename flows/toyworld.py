@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from mirage import schema
 from mirage.images import encode_mask, encode_png, mask_to_box
@@ -23,7 +23,6 @@ def scene_key(cfg: Toyworld, split: Split, index: int) -> str:
                     split.seed, split.min_objects, split.max_objects, index)
 
 
-@task
 def render_batch(cfg: Toyworld, split: Split, specs: list[tuple[str, int]]) -> pa.Table:
     rows = []
     for key, index in specs:

@@ -256,6 +256,21 @@ def _timed_stage(cmd: str) -> tuple[object, float]:
     return output, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _stop_stages_on_exit():
+    """If the pipeline's thread is interrupted (a cancelled run's SIGTERM,
+    Ctrl-C), the stages running in threads stop at their next progress step
+    (finished batches stay in their work areas) instead of running on to
+    their end while the process waits for them."""
+    from mirage.stage import STOP
+
+    try:
+        yield
+    except BaseException:
+        STOP.set()
+        raise
+
+
 def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
                params: params_mod.Params | None = None) -> list[StageResult]:
     """Run every stale stage in this process, each recorded in dvc.lock as it
@@ -285,6 +300,9 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
         runner = params.runner if params is not None else params_mod.Runner()
         current = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
         upstream = upstream_stages(repo, order)
+        for stage in order:  # imported here, once: stages side by side then start together, not an import apart
+            if not stage.frozen or stage.name in train:
+                stage_module(stage.cmd)
         results: dict[str, StageResult] = {}  # decided and, if it ran, committed
         finished: dict[str, StageResult] = {}  # ran, not yet committed
         done: set[str] = set()  # outputs final: downstream stages may start
@@ -305,7 +323,6 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
                 return
             log.info("stage %s: running (%s)", stage.name, "; ".join(why or ["forced"])[:500])
             start = time.perf_counter()
-            stage_module(stage.cmd)  # imported here, once: stages side by side start at once, not one import apart
             if not force and stage.name not in train and restore_from_run_cache(repo, stage):
                 log.info("stage %s: restored from DVC's run-cache (ran before with these deps and params)", stage.name)
                 finished[stage.name] = StageResult(stage.name, True, time.perf_counter() - start, why, None, True)
@@ -346,22 +363,28 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
                 elif stage.name not in results:
                     return  # a stage before the rest is not decided yet: dvc.lock keeps dvc.yaml's order
 
-        with shared_cluster(runner), ThreadPoolExecutor(runner.parallel_stages, thread_name_prefix="mirage-stage") as pool:
-            start_ready()
-            while running:
-                ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for future in ended:
-                    stage, why = running.pop(future)
-                    try:
-                        output, seconds = future.result()
-                    except Exception as err:
-                        failures.append(StageFailed(stage.name, err))
-                        failures[-1].__cause__ = err
-                        continue
-                    finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
-                    done.add(stage.name)
-                commit_in_order()
+        from mirage.stage import STOP
+
+        try:
+            with shared_cluster(runner), ThreadPoolExecutor(runner.parallel_stages, thread_name_prefix="mirage-stage") as pool, \
+                    _stop_stages_on_exit():
                 start_ready()
+                while running:
+                    ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in ended:
+                        stage, why = running.pop(future)
+                        try:
+                            output, seconds = future.result()
+                        except Exception as err:
+                            failures.append(StageFailed(stage.name, err))
+                            failures[-1].__cause__ = err
+                            continue
+                        finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
+                        done.add(stage.name)
+                    commit_in_order()
+                    start_ready()
+        finally:
+            STOP.clear()  # the stages have ended: the next run starts clean
         for name in [s.name for s in order if s.name in finished]:
             commit(name)  # after a failure: what finished is recorded, whatever the order
         if failures:

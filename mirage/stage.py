@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,13 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
 _TAGS = contextlib.ExitStack()
 
 
+STOP = threading.Event()  # set when the pipeline run is stopped (cancelled, SIGTERM, Ctrl-C)
+
+
+class StageStopped(RuntimeError):
+    """The pipeline run was stopped while this stage ran (in a thread of it)."""
+
+
 class _Bar(tqdm):
     """tqdm on stderr, mirrored (inside a flow run) to a Prefect progress
     artifact updated every few seconds, so the dashboard shows long stages move."""
@@ -63,6 +71,8 @@ class _Bar(tqdm):
         super().set_postfix(*args, **kwargs)
 
     def update(self, n=1):
+        if STOP.is_set():  # a stage running beside the pipeline's thread ends at its next step or batch
+            raise StageStopped("the pipeline run was stopped")
         shown = super().update(n)
         if self._artifact and time.monotonic() - self._reported >= self.ARTIFACT_EVERY:
             self._report()

@@ -62,16 +62,15 @@ def test_eval_coco_names_what_is_missing(coco_dir, tmp_path, capsys):
 
 
 def test_eval_coco_discovery_corloc_matches_the_evaluate_stage(coco_dir, tmp_path):
-    from flows.evaluate import discover_split
-    from mirage.models import load_encoder, load_patch_backbone
+    from flows.evaluate import SplitDiscoveryJob, discover_split
+    from mirage.runner import LocalRunner
     from tasks.evaluate import corloc, top_box
 
     p = params.load("params.yaml")
     items = load_coco(coco_dir / "instances.json", coco_dir / "images")
     images = np.stack([np.asarray(Image.open(it.path).convert("RGB")) for it in items])
-    backbone = load_patch_backbone(p.features.patch_backbone, load_encoder("local-dir:models/encoder"),
-                                   p.generate.model)
-    found = discover_split(backbone, images, p.discover)
+    with LocalRunner() as run:  # what the evaluate stage does on the test split
+        found = discover_split(run, SplitDiscoveryJob(p.features, p.discover, p.generate.model), images)
     expected = corloc([top_box(f) for f in found], [it.boxes for it in items], p.evaluate.iou)
 
     out = tmp_path / "coco.json"
