@@ -257,18 +257,22 @@ def _timed_stage(cmd: str) -> tuple[object, float]:
 
 
 @contextlib.contextmanager
-def _stop_stages_on_exit():
-    """If the pipeline's thread is interrupted (a cancelled run's SIGTERM,
-    Ctrl-C), the stages running in threads stop at their next progress step
-    (finished batches stay in their work areas) instead of running on to
-    their end while the process waits for them."""
+def _stage_threads(n: int):
+    """A pool of `n` threads for stages.  If the pipeline's thread is
+    interrupted (a cancelled run's SIGTERM, Ctrl-C), the stages running in it
+    stop at their next progress step (finished batches stay in their work
+    areas) instead of running on to their end while the process waits."""
     from mirage.stage import STOP
 
+    pool = ThreadPoolExecutor(n, thread_name_prefix="mirage-stage")
     try:
-        yield
+        yield pool
     except BaseException:
         STOP.set()
         raise
+    finally:
+        pool.shutdown(wait=True)
+        STOP.clear()  # the stages have ended: the next run starts clean
 
 
 def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
@@ -363,28 +367,22 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
                 elif stage.name not in results:
                     return  # a stage before the rest is not decided yet: dvc.lock keeps dvc.yaml's order
 
-        from mirage.stage import STOP
-
-        try:
-            with shared_cluster(runner), ThreadPoolExecutor(runner.parallel_stages, thread_name_prefix="mirage-stage") as pool, \
-                    _stop_stages_on_exit():
+        with shared_cluster(runner), _stage_threads(runner.parallel_stages) as pool:
+            start_ready()
+            while running:
+                ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in ended:
+                    stage, why = running.pop(future)
+                    try:
+                        output, seconds = future.result()
+                    except Exception as err:
+                        failures.append(StageFailed(stage.name, err))
+                        failures[-1].__cause__ = err
+                        continue
+                    finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
+                    done.add(stage.name)
+                commit_in_order()
                 start_ready()
-                while running:
-                    ended, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                    for future in ended:
-                        stage, why = running.pop(future)
-                        try:
-                            output, seconds = future.result()
-                        except Exception as err:
-                            failures.append(StageFailed(stage.name, err))
-                            failures[-1].__cause__ = err
-                            continue
-                        finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
-                        done.add(stage.name)
-                    commit_in_order()
-                    start_ready()
-        finally:
-            STOP.clear()  # the stages have ended: the next run starts clean
         for name in [s.name for s in order if s.name in finished]:
             commit(name)  # after a failure: what finished is recorded, whatever the order
         if failures:
