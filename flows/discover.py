@@ -1,7 +1,6 @@
 """Stage discover: TokenCut on cached patch keys -> one mask and box per image, named by zero-shot."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mirage.images import decode_png, encode_mask
 from mirage.models import Encoder, load_encoder
 from mirage.params import Discover, Features, Runner
 from mirage.runner import open_runner
-from mirage.stage import parse, pool_dir, progress
+from mirage.stage import command, parse, pool_dir, progress
 from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
 
@@ -147,4 +146,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

@@ -7,7 +7,6 @@ text embeddings.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mirage.images import decode_png
 from mirage.models import ImageEncoder, load_encoder, load_patch_backbone
 from mirage.params import Discover, Features, Params
 from mirage.runner import open_runner
-from mirage.stage import parse
+from mirage.stage import command, parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
 from tasks.evaluate import (detector_metrics, discovered_boxes, discovery_metrics, draw_grid, prompt_alignment,
                             top_box)
@@ -150,4 +149,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

@@ -14,7 +14,6 @@ worker, which loads the encoder once (mirage/runner.py).
 """
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from mirage.devices import compute_dtype, resolve_device
 from mirage.models import EncoderPatches, ImageEncoder, load_encoder, load_patch_backbone
 from mirage.params import Features, Runner
 from mirage.runner import open_runner
-from mirage.stage import parse, pool_dir, progress
+from mirage.stage import command, parse, pool_dir, progress
 from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
 from tasks.features import decode_batch, embed_batch
 
@@ -168,4 +167,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

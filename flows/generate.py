@@ -1,7 +1,6 @@
 """Stage generate: sample images for every (template, class) prompt into Parquet shards."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from mirage.generators import GenerationItem, Generator, load_generator
 from mirage.images import encode_png
 from mirage.params import Generate, Runner
 from mirage.runner import open_runner
-from mirage.stage import parse, pool_dir, progress
+from mirage.stage import command, parse, pool_dir, progress
 from mirage.store import ShardStore
 from tasks.generate import plan
 
@@ -96,4 +95,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

@@ -1,7 +1,6 @@
 """Stage toyworld: render the train and test splits as Parquet."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ from prefect import flow, get_run_logger
 from mirage import schema
 from mirage.images import encode_mask, encode_png, mask_to_box
 from mirage.params import Split, Toyworld
-from mirage.stage import parse, progress
+from mirage.stage import command, parse, progress
 from mirage.store import ShardStore, item_key
 from tasks.toyworld import check_names, render_scene
 
@@ -61,4 +60,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

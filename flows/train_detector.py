@@ -1,14 +1,13 @@
 """Stage train_detector: Faster R-CNN on the discovered pseudo-boxes of generated images."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 from prefect import flow, get_run_logger
 
 from mirage.images import decode_mask, decode_png
 from mirage.params import TrainDetector
-from mirage.stage import LossProgress, parse
+from mirage.stage import LossProgress, command, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_detector import merge_predictions, predict, save_detector, train
 
@@ -74,4 +73,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

@@ -1,7 +1,6 @@
 """Stage train_encoder: the toy profile's open_clip model, in open_clip's local-dir layout."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -9,7 +8,7 @@ from prefect import flow, get_run_logger
 from mirage.images import decode_png
 from mirage.models import save_encoder
 from mirage.params import TrainEncoder
-from mirage.stage import LossProgress, parse
+from mirage.stage import LossProgress, command, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_encoder import train
 
@@ -37,4 +36,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

@@ -1,14 +1,13 @@
 """Stage train_generator: the toy profile's diffusion model, saved with save_pretrained."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 from prefect import flow, get_run_logger
 
 from mirage.images import decode_png
 from mirage.params import TrainGenerator
-from mirage.stage import LossProgress, parse
+from mirage.stage import LossProgress, command, parse
 from mirage.store import atomic_dir, read_table
 from tasks.train_generator import train
 
@@ -44,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command(main)

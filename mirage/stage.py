@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from mirage import faults
 from mirage import params as params_mod
 from mirage.server import connect
 
@@ -43,6 +46,21 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
 
 
 _TAGS = contextlib.ExitStack()
+
+RESULT = "mirage-stage-result:"  # the line a stage command prints last
+
+
+def command(main) -> None:
+    """A stage's `python -m flows.<stage>` entry: run `main`, then print
+    what it did (items, computed, reused, metrics) as one JSON line on
+    stdout.  A bad parameter exits 2 with the key named; a failure exits
+    non-zero with its traceback (what `dvc repro` shows)."""
+    try:
+        result = main(sys.argv[1:])
+    except params_mod.ParamsError as err:
+        print(f"mirage: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(RESULT, json.dumps(result, default=str, sort_keys=True), flush=True)
 
 
 STOP = threading.Event()  # set when the pipeline run is stopped (cancelled, SIGTERM, Ctrl-C)
@@ -124,6 +142,7 @@ class LossProgress:
         self.losses: list[float] = []
 
     def __call__(self, step: int, loss: float) -> None:
+        faults.point("train-step")
         self.losses.append(loss)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{self.mean():.4f}")

@@ -24,11 +24,13 @@ be kept and found again.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 from contextlib import contextmanager
@@ -38,6 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mirage import faults
 
 MANIFEST = "manifest.json"
 WORK = ".work"
@@ -49,15 +53,56 @@ def item_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """Where `path` is written before it is renamed into place: a hidden
+    sibling named by this process, so a leftover of a killed process is
+    recognised (and removed) by the next one: `sweep_temps`."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+_TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: from a write this process gave up on
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temps(folder: Path, prefix: str = "") -> int:
+    """Remove the temp files and folders (`temp_name`) that processes no
+    longer alive left in `folder` (killed mid-write: SIGKILL, OOM, a lost
+    machine); those of live processes are theirs.  Returns how many went."""
+    if not folder.is_dir():
+        return 0
+    gone = 0
+    for entry in folder.iterdir():
+        found = _TEMP.match(entry.name)
+        if found and entry.name.startswith(f".{prefix}") and not _alive(int(found.group(2))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
+    """Write to a temp name, then rename: readers see the old file or the new one.
+    `fault`: the fault-injection point between the two (tests, mirage/faults.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     tmp.write_bytes(data)
+    if fault:
+        faults.point(fault)
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, fault: str = "") -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fault)
 
 
 ROW_GROUP_BYTES = 64 << 20  # readers stream a row group at a time
@@ -92,7 +137,7 @@ def write_parquet(path: Path, table: pa.Table, options: dict[str, Any] | None = 
     patch features) still stream.  `options`: parquet_options of the schema,
     when the caller already has them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     rows = rows_per_group(table.nbytes / max(table.num_rows, 1))
     pq.write_table(table, tmp, row_group_size=rows, **(options or parquet_options(table.schema)))
     os.replace(tmp, path)
@@ -221,9 +266,12 @@ class ShardStore:
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"duplicate item key {dup} in {self.root}")
         self.root.mkdir(parents=True, exist_ok=True)
+        work = self.root / WORK
+        for folder in (self.root, work, self._pool_dir(self.schema) if self.pool else None):
+            if folder:
+                sweep_temps(folder)  # half-written files of a killed run: never read, now removed
         index = self._index()
         missing = [(k, s) for k, s in wanted if k not in index]
-        work = self.root / WORK
         pooled = sum(1 for k, _ in wanted if k in index and self._pooled(index[k][0]))
         chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
         if run is None:
@@ -252,7 +300,9 @@ class ShardStore:
             if got != [k for k, _ in chunk]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")
             path = work / f"batch-{item_key(got)}.parquet"
+            faults.point("batch")  # computed, not saved: the batch is redone
             write_parquet(path, table.cast(self.schema), self.options)
+            faults.point("batch-saved")
             for row, key in enumerate(got):
                 index[key] = (path, row)
             if progress:
@@ -288,19 +338,29 @@ class ShardStore:
             yield from shard["keys"]
 
     def _rows(self, keys: list[str], index: dict[str, tuple[Path, int]], schema: pa.Schema) -> Iterator[pa.Table]:
-        """The rows of `keys`, in order, as tables of up to `group_rows` rows,
-        holding one source file and one group in memory at a time."""
+        """The rows of `keys`, in order, as tables of up to `group_rows` rows.
+        Sources are read a row group at a time (the last few kept), never a
+        whole file per switch between sources: an incremental run that
+        interleaves new rows with old ones reads each old row group once."""
+        groups = RowGroups()
         pieces: list[pa.Table] = []
-        cache: dict[Path, pa.Table] = {}
+        run: list = []  # [row group table, first row, rows]: consecutive rows of one group
+        count = 0
         for key in keys:
-            src, row = index[key]
-            if src not in cache:
-                cache.clear()
-                cache[src] = pq.read_table(src)
-            pieces.append(cache[src].slice(row, 1))
-            if len(pieces) == self.group_rows:
+            table, offset = groups.locate(*index[key])
+            if run and run[0] is table and run[1] + run[2] == offset:
+                run[2] += 1
+            else:
+                if run:
+                    pieces.append(_copy_rows(*run))
+                run = [table, offset, 1]
+            count += 1
+            if count == self.group_rows:
+                pieces.append(_copy_rows(*run))
                 yield pa.concat_tables(pieces).cast(schema).combine_chunks()
-                pieces = []
+                pieces, run, count = [], [], 0
+        if run:
+            pieces.append(_copy_rows(*run))
         if pieces:
             yield pa.concat_tables(pieces).cast(schema).combine_chunks()
 
@@ -311,7 +371,7 @@ class ShardStore:
         the rows' own (pool rows of an earlier encoder); default the table's."""
         schema = schema or self.schema
         options = self.options if schema is self.schema else parquet_options(schema)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temp_name(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(tmp, schema, **options) as writer:
             for group in self._rows(keys, index, schema):
@@ -329,11 +389,45 @@ class ShardStore:
             if not path.exists():
                 self._write(path, part, index)
             shards.append({"file": name, "rows": len(part), "keys": part})
-        atomic_write_json(self.root / MANIFEST, {"shards": shards})
+        faults.point("shards-written")
+        atomic_write_json(self.root / MANIFEST, {"shards": shards}, fault="manifest-replace")
         keep = {s["file"] for s in shards} | {MANIFEST}
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _copy_rows(table: pa.Table, first: int, rows: int) -> pa.Table:
+    """Rows of a row group, copied: the group itself can then be let go."""
+    return table.take(pa.array(range(first, first + rows), pa.int64()))
+
+
+class RowGroups:
+    """Rows of Parquet files by (file, row), read one row group at a time,
+    the last `keep` groups kept in memory."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.starts: dict[Path, list[int]] = {}  # each file's first row of every row group, and its row count
+        self.cached: dict[tuple[Path, int], pa.Table] = {}  # in use order, oldest first
+
+    def locate(self, path: Path, row: int) -> tuple[pa.Table, int]:
+        """The row group holding `row` of `path`, and the row's offset in it."""
+        if path not in self.starts:
+            meta = pq.ParquetFile(path).metadata
+            starts = [0]
+            for g in range(meta.num_row_groups):
+                starts.append(starts[-1] + meta.row_group(g).num_rows)
+            self.starts[path] = starts
+        starts = self.starts[path]
+        group = bisect.bisect_right(starts, row) - 1
+        table = self.cached.pop((path, group), None)
+        if table is None:
+            table = pq.ParquetFile(path).read_row_group(group)
+            if len(self.cached) >= self.keep:
+                self.cached.pop(next(iter(self.cached)))
+        self.cached[(path, group)] = table
+        return table, row - starts[group]
 
 
 def schema_digest(schema: pa.Schema) -> str:
@@ -399,7 +493,8 @@ def table_metadata(root: str | Path) -> dict[str, str]:
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Write a directory (a saved model) under a temp name; swap it in on success."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    sweep_temps(out.parent, out.name)  # what a killed run left
+    tmp = temp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -407,8 +502,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = temp_name(out, "old")
     if out.exists():
         out.rename(old)
+    faults.point("model-swap")  # killed here, `out` is missing: its stage is stale and reruns
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
