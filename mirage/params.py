@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+import difflib
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -39,7 +41,7 @@ class Split(Section):
     @model_validator(mode="after")
     def _ordered(self) -> "Split":
         if self.min_objects > self.max_objects:
-            raise ValueError("min_objects must be <= max_objects")
+            raise ValueError(f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
         return self
 
 
@@ -89,7 +91,27 @@ class TrainEncoder(Section):
     seed: int
 
 
-Device = str  # "auto" (a GPU if there is one), "cpu", "cuda", "cuda:1", ...
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value: str) -> str:
+    """auto (a GPU if there is one), cpu, mps, cuda or cuda:N: a CUDA device
+    must exist on this machine (checked when one is asked for, so CPU-only
+    params never import torch here)."""
+    if not DEVICE.match(value):
+        raise ValueError(f"{value!r} is not a device: auto, cpu, mps, cuda or cuda:N")
+    if value.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.partition(":")[2] or 0)
+        if index >= count:
+            raise ValueError(f"{value!r}: this machine has {count or 'no'} CUDA device{'s' if count != 1 else ''}"
+                             f"{'' if count else ' (use auto or cpu)'}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: float16 on GPU, float32 on CPU
 
 
@@ -107,12 +129,13 @@ class Generate(Section):
     dtype: Dtype = "auto"
     shard_rows: int = Field(default=1024, gt=0)
 
-    @model_validator(mode="after")
-    def _template(self) -> "Generate":
-        bad = [t for t in self.prompt_templates if t.count("{}") != 1]
+    @field_validator("prompt_templates")
+    @classmethod
+    def _template(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [t for t in value if t.count("{}") != 1]
         if bad:
-            raise ValueError(f"prompt_templates: {bad} must contain '{{}}' once, for the class name")
-        return self
+            raise ValueError(f"{bad} must contain '{{}}' once, for the class name")
+        return value
 
 
 class Features(Section):
@@ -158,7 +181,7 @@ class TrainDetector(Section):
     class_aware: bool = False
     copy_paste: float = Field(default=0.0, ge=0, le=1)  # per image and step: paste one discovered object
     masks: bool = False  # Mask R-CNN: also learn the discovered masks (evaluate adds mask AP)
-    self_train_scores: tuple[float, ...] = ()
+    self_train_scores: tuple[Annotated[float, Field(ge=0, le=1)], ...] = ()
     self_train_steps: int = Field(default=100, gt=0)
 
 
@@ -261,16 +284,33 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any, in_place_anchors: boo
     node = tree
     for i, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
-            raise ParamsError(f"unknown parameter {'.'.join(parents[: i + 1])!r}")
+            raise ParamsError(f"unknown parameter {'.'.join(parents[: i + 1])!r}{did_you_mean(part, node, parents[:i])}")
         node = node[part]
     if leaf not in node:
-        raise ParamsError(f"unknown parameter {dotted!r}")
+        raise ParamsError(f"unknown parameter {dotted!r}{did_you_mean(leaf, node, parents)}")
     old = node[leaf]
     anchor = getattr(getattr(old, "anchor", None), "value", None)
     if in_place_anchors and anchor and isinstance(value, list) and _first_path(tree, old) == dotted:
         old[:] = value  # the anchor itself: its aliases follow
     else:
         node[leaf] = value  # a plain value, or an alias site: only this key changes
+
+
+def did_you_mean(name: str, known, parents: list[str] | tuple = ()) -> str:
+    """`: did you mean 'section.key'?` for the closest known key, or ''."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f": did you mean {'.'.join([*map(str, parents), close[0]])!r}?" if close else ""
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the section at `loc` (a pydantic error location)."""
+    model: Any = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
 
 
 def _first_path(tree: dict[str, Any], target: Any, prefix: str = "") -> str | None:
@@ -358,5 +398,11 @@ def validate(tree: dict[str, Any], path: Path) -> Params:
     try:
         return Params.model_validate(tree)
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        lines = []
+        for e in err.errors():
+            loc = e["loc"]
+            hint = did_you_mean(loc[-1], _fields_at(loc[:-1]), loc[:-1]) if e["type"] == "extra_forbidden" else ""
+            shown = e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], dict)
+            value = f" (got {repr(e['input'])[:80]})" if shown else ""
+            lines.append(f"  {'.'.join(str(p) for p in loc)}: {e['msg']}{value}{hint}")
         raise ParamsError(f"invalid {path}:\n" + "\n".join(lines)) from None

@@ -36,6 +36,12 @@ def parser(stage: str, paths: Sequence[str]) -> argparse.ArgumentParser:
 def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple[params_mod.Params, argparse.Namespace]:
     args = parser(stage, paths).parse_args(argv)
     params = params_mod.load(args.params)
+    root = Path(os.path.abspath(args.params)).parent
+    for name in paths:  # a stage reads and writes inside its project (lexically: data/ may be a symlink)
+        target = Path(os.path.abspath(getattr(args, name)))
+        if not target.is_relative_to(root):
+            raise params_mod.ParamsError(f"--{name} {getattr(args, name)!r} of stage {stage} is outside the "
+                                         f"project {root}: stage paths stay inside it")
     connect(Path(args.params).resolve().parent)  # under `dvc repro`: report to the project's `mirage server` if up
     experiment = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run` for its stage commands
     if experiment:
