@@ -77,6 +77,11 @@ class FeaturesJob:
     model_id: str = ""
     schema: pa.Schema | None = None
 
+    @property
+    def batch_param(self) -> tuple[str, int]:
+        """The key that sizes a batch (named when one runs out of memory)."""
+        return "features.batch_size", self.cfg.batch_size
+
     def load_key(self) -> tuple:
         c = self.cfg
         return ("features", c.encoder, c.device, c.dtype, patch_mode(c), c.patch_backbone, self.generator, c.workers)

@@ -44,6 +44,11 @@ class GenerateJob:
     model_id: str = ""  # from describe(): filled in before batches are sent
     size: int | None = None
 
+    @property
+    def batch_param(self) -> tuple[str, int]:
+        """The key that sizes a batch (named when one runs out of memory)."""
+        return "generate.batch_size", self.cfg.batch_size
+
     def load_key(self) -> tuple:
         return ("generate", self.cfg.model, self.cfg.device, self.cfg.dtype)
 

@@ -1,14 +1,20 @@
-"""Fault injection for tests: make this process die by SIGKILL at a named point.
+"""Fault injection for tests: make this process fail at a named point.
 
-`MIRAGE_FAULT=<point>` (or `<point>@<n>`: the n-th time this process gets
-there) kills the process with SIGKILL, as a pre-empted machine or the OOM
-killer would: no cleanup code runs.  With `MIRAGE_FAULT_MARKER=<path>` it
-fires once in all processes together (the first to create that file), so the
-work rescheduled after the kill gets through.  Unset (always, outside tests),
-a point costs one dictionary lookup.
+`MIRAGE_FAULT=<point>[@<n>[+]][:<action>]` acts the n-th time (default the
+first) this process gets to `point`, or with `+` the n-th and every later
+time.  Actions:
+- `kill` (default): SIGKILL, as a pre-empted machine or the OOM killer would:
+  no cleanup code runs;
+- `raise`: an `InjectedFault` (a flaky batch: retried like any failure);
+- `oom`: the error PyTorch raises when a GPU runs out of memory;
+- `enospc`: the OSError of a full disk.
+With `MIRAGE_FAULT_MARKER=<path>` a kill fires once in all processes together
+(the first to create that file), so the work rescheduled after it gets
+through.  Unset (always, outside tests), a point costs one dictionary lookup.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections import Counter
@@ -16,21 +22,44 @@ from collections import Counter
 _HITS: Counter = Counter()
 
 
+class InjectedFault(RuntimeError):
+    """A failure injected by MIRAGE_FAULT (tests)."""
+
+
+def reset() -> None:
+    """Forget the points reached so far (tests running several cases in one process)."""
+    _HITS.clear()
+
+
 def point(name: str) -> None:
-    """Die here if MIRAGE_FAULT names this point."""
+    """Fail here as MIRAGE_FAULT says, if it names this point."""
     wanted = os.environ.get("MIRAGE_FAULT")
     if not wanted:
         return
-    target, _, nth = wanted.partition("@")
+    spec, _, action = wanted.partition(":")
+    target, _, nth = spec.partition("@")
     if target != name:
         return
     _HITS[name] += 1
-    if _HITS[name] != int(nth or 1):
+    every = nth.endswith("+")
+    first = int(nth.rstrip("+") or 1)
+    if _HITS[name] != first and not (every and _HITS[name] > first):
         return
-    marker = os.environ.get("MIRAGE_FAULT_MARKER")
-    if marker:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return  # another process already died here
-    os.kill(os.getpid(), signal.SIGKILL)
+    if action in ("", "kill"):
+        marker = os.environ.get("MIRAGE_FAULT_MARKER")
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # another process already died here
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "raise":
+        raise InjectedFault(f"injected fault at {name} (hit {_HITS[name]})")
+    elif action == "oom":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected at {name})")
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {name})")
+    else:
+        raise ValueError(f"MIRAGE_FAULT={wanted!r}: unknown action {action!r} (kill, raise, oom, enospc)")

@@ -65,6 +65,47 @@ def _note_batch(err: BaseException, index: int) -> BaseException:
     return err
 
 
+class BatchTooLarge(RuntimeError):
+    """A batch ran out of (GPU) memory: the message names the batch-size key
+    and a value to try.  Not retried: the same batch would fail again."""
+
+
+def compute(job, obj: Any, prepared: Any) -> Any:
+    """One batch's rows; out of memory becomes BatchTooLarge, naming the key."""
+    import torch
+
+    try:
+        faults.point("compute")
+        return job.compute(obj, prepared)
+    except torch.cuda.OutOfMemoryError as err:
+        key, size = getattr(job, "batch_param", ("the stage's batch size", None))
+        hint = f"`-S {key}={max(1, size // 2)}`" if size else "a smaller batch size"
+        raise BatchTooLarge(
+            f"out of memory computing a batch ({key}={size}): try {hint}. Batches finished so far stay in the "
+            f"work area (a rerun at {size} resumes there); the batch size is part of each item's key, so at "
+            f"another size the items are computed again") from err
+
+
+def retrying(cfg: Runner, what: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`, tried again `runner.retries` times after a failure, waiting
+    `runner.retry_delay` seconds, doubled each time (what Prefect's task
+    retries do on Dask).  A stopped run, or a batch too large, is not retried."""
+    from mirage.stage import StageStopped
+
+    for attempt in range(cfg.retries + 1):
+        try:
+            return fn()
+        except (StageStopped, BatchTooLarge):
+            raise
+        except Exception as err:
+            if attempt == cfg.retries:
+                raise
+            delay = cfg.retry_delay * 2 ** attempt
+            logging.getLogger("mirage").warning("%s failed (%s: %s): retry %d of %d in %.1f s", what,
+                                                type(err).__name__, err, attempt + 1, cfg.retries, delay)
+            time.sleep(delay)
+
+
 # -- the work a Dask worker does ---------------------------------------------
 @task(name="describe", cache_policy=NO_CACHE)
 def describe_task(job, args: tuple) -> tuple[str, Any]:
@@ -82,7 +123,7 @@ def batch_task(job, first: int, batches: list) -> tuple[int, list, str, float]:
     outs = []
     for batch in batches:
         faults.point("dask-batch")  # tests: a worker killed mid-stage
-        outs.append(job.compute(obj, job.prepare(obj, batch)))
+        outs.append(compute(job, obj, job.prepare(obj, batch)))
     return first, outs, load_id, time.perf_counter() - start
 
 
@@ -93,7 +134,8 @@ class LocalRunner:
 
     kind = "local"
 
-    def __init__(self):
+    def __init__(self, cfg: Runner = Runner(), stage: str = "stage"):
+        self.cfg, self.stage = cfg, stage
         self.loads: set[str] = set()
         self.compute_seconds = 0.0
         self._jobs: list = []
@@ -126,7 +168,7 @@ class LocalRunner:
         for index, (_, prepared) in enumerate(ahead):
             start = time.perf_counter()
             try:
-                out = job.compute(obj, prepared)
+                out = retrying(self.cfg, f"{self.stage} batch {index}", lambda: compute(job, obj, prepared))
             except Exception as err:
                 raise _note_batch(err, index)
             self.compute_seconds += time.perf_counter() - start
@@ -178,7 +220,10 @@ class DaskRunner:
         batches go together in one task (`runner.batches_per_task`)."""
         import distributed
 
-        task = batch_task.with_options(name=f"{self.stage}-batch")
+        delays = [self.cfg.retry_delay * 2 ** i for i in range(self.cfg.retries)]
+        task = batch_task.with_options(name=f"{self.stage}-batch", retries=self.cfg.retries,
+                                       retry_delay_seconds=delays or 0,
+                                       retry_condition_fn=_retry_unless_too_large)
         fetch = fetch or (lambda b: b)
         per_task = self.batches_per_task(len(batches))
         groups = iter(range(0, len(batches), per_task))
@@ -230,6 +275,17 @@ class DaskRunner:
         return max(1, math.ceil(n_batches / (threads * per_thread)))
 
 
+def _retry_unless_too_large(task, task_run, state) -> bool:
+    """Prefect's retry condition: every failure but an out-of-memory batch."""
+    try:
+        state.result()
+    except BatchTooLarge:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 _SHARED: dict[str, str] = {}  # {"address": ...} of the cluster this pipeline run shares
 
 
@@ -267,7 +323,7 @@ def shared_cluster(cfg: Runner):
 
 def open_runner(cfg: Runner, stage: str) -> LocalRunner | DaskRunner:
     """The runner `runner.kind` asks for (use as a context manager)."""
-    return DaskRunner(cfg, stage) if cfg.kind == "dask" else LocalRunner()
+    return DaskRunner(cfg, stage) if cfg.kind == "dask" else LocalRunner(cfg, stage)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ be kept and found again.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import io
 import json
@@ -90,15 +91,37 @@ def sweep_temps(folder: Path, prefix: str = "") -> int:
     return gone
 
 
+class DiskFull(OSError):
+    """No space left where a stage writes: nothing half-written stays behind."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """A temp name to write `path` under; renamed into place when the block
+    ends, removed if it fails.  A full disk raises DiskFull naming the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        faults.point("write")
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            usage = shutil.disk_usage(path.parent)
+            raise DiskFull(errno.ENOSPC, f"no space left on the device writing {path} ({usage.free >> 20} MB free "
+                           f"of {usage.total >> 20} MB): free some space and run again; finished batches are "
+                           f"kept and a rerun resumes from them") from err
+        raise
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
     """Write to a temp name, then rename: readers see the old file or the new one.
     `fault`: the fault-injection point between the two (tests, mirage/faults.py)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    tmp.write_bytes(data)
-    if fault:
-        faults.point(fault)
-    os.replace(tmp, path)
+    with writing(path) as tmp:
+        tmp.write_bytes(data)
+        if fault:
+            faults.point(fault)
 
 
 def atomic_write_json(path: Path, obj: Any, fault: str = "") -> None:
@@ -136,11 +159,9 @@ def write_parquet(path: Path, table: pa.Table, options: dict[str, Any] | None = 
     Row groups hold up to 4096 rows and about 64 MB, so big rows (real images,
     patch features) still stream.  `options`: parquet_options of the schema,
     when the caller already has them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
     rows = rows_per_group(table.nbytes / max(table.num_rows, 1))
-    pq.write_table(table, tmp, row_group_size=rows, **(options or parquet_options(table.schema)))
-    os.replace(tmp, path)
+    with writing(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=rows, **(options or parquet_options(table.schema)))
 
 
 class _Failed:
@@ -371,14 +392,11 @@ class ShardStore:
         the rows' own (pool rows of an earlier encoder); default the table's."""
         schema = schema or self.schema
         options = self.options if schema is self.schema else parquet_options(schema)
-        tmp = temp_name(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(tmp, schema, **options) as writer:
+        with writing(path) as tmp, pq.ParquetWriter(tmp, schema, **options) as writer:
             for group in self._rows(keys, index, schema):
                 writer.write_table(group, row_group_size=self.group_rows)
             if not keys:
                 writer.write_table(schema.empty_table())
-        os.replace(tmp, path)
 
     def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
         shards = []
