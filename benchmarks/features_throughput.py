@@ -49,7 +49,7 @@ def main() -> None:
         batches = []
         for i in range(0, len(rows), args.batch):
             chunk = rows[i : i + args.batch]
-            batches.append(encoder.prepare(decode_batch([r["id"] for r in chunk], [r["image"] for r in chunk], None)))
+            batches.append(encoder.prepare(decode_batch([r["id"] for r in chunk], [r["image"] for r in chunk], None)[0]))
 
         def bare() -> None:
             with torch.inference_mode():

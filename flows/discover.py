@@ -13,35 +13,60 @@ from mirage.devices import compute_dtype, resolve_device
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.images import decode_png, encode_mask
 from mirage.models import Encoder, load_encoder
-from mirage.params import Discover, Features, Runner
+from mirage.params import Discover, Errors, Features, Runner
 from mirage.runner import open_runner
-from mirage.stage import command, parse, pool_dir, progress
-from mirage.store import ShardStore, atomic_write_json, item_key, read_table, table_metadata
+from mirage.stage import command, parse, pool_dir, progress, report_errors
+from mirage.store import ERRORS, Partial, ShardStore, atomic_write_json, item_key, read_table, table_metadata
 from tasks.discover import cut_to_object, discover_objects, zero_shot
 
-VERSION = 4  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys
+VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
+# 5: degenerate cuts dropped, images without an object are failed items
 
 
-def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table:
+def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table | Partial:
+    """Objects of a batch of images.  An image that cannot be decoded, whose
+    patch features are not finite, or where no object is found (every cut
+    empty or the whole image) is a failed item: left out, with its reason."""
     gh, gw, c = grid
-    images = np.stack([decode_png(r["image"]) for r in rows])
-    h, w = images.shape[1:3]
+    errors: dict[str, tuple[str, str]] = {}
+    decoded = {}
+    for r in rows:
+        try:
+            decoded[r["key"]] = decode_png(r["image"])
+        except Exception as err:  # noqa: BLE001 - PIL raises several types
+            errors[r["key"]] = (r["id"], f"cannot be decoded: {type(err).__name__}: {err}")
     found = []  # (row index, box, mask, score)
     for i, r in enumerate(rows):
-        for cut in discover_objects(r["patches"].astype(np.float32).reshape(gh * gw, c), (gh, gw), cfg):
+        if r["key"] in errors:
+            continue
+        feats = r["patches"].astype(np.float32).reshape(gh * gw, c)
+        if not np.isfinite(feats).all():
+            errors[r["key"]] = (r["id"], "non-finite patch features (NaN or inf)")
+            continue
+        h, w = decoded[r["key"]].shape[:2]
+        kept = 0
+        for cut in discover_objects(feats, (gh, gw), cfg):
             mask, box = cut_to_object(cut, h, w)
+            if box[2] <= 0 or box[3] <= 0 or mask.all():  # degenerate: nothing, or the whole image
+                continue
             found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
+            kept += 1
+        if not kept:
+            errors[r["key"]] = (r["id"], "no object found (every cut empty or the whole image)")
     prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
     if found and encoder.has_text:
-        index, label_scores = zero_shot(encoder, images[[f[0] for f in found]], [f[1] for f in found], prompts)
+        images = np.stack([decoded[rows[f[0]]["key"]] for f in found])
+        index, label_scores = zero_shot(encoder, images, [f[1] for f in found], prompts)
         labels = [cfg.classes[int(i)] for i in index]
     else:  # an image-only encoder (a timm ViT) names nothing: label "" with score 0
         labels, label_scores = [""] * len(found), [0.0] * len(found)
     objects: list[list[dict]] = [[] for _ in rows]
     for (i, box, mask, score), lab, ls in zip(found, labels, label_scores):
         objects[i].append({"box": box, "mask": mask, "score": score, "label": lab, "label_score": float(ls)})
-    out = [{"key": r["key"], "image_id": r["id"], "prompt_class": r["class_name"], "objects": o} for r, o in zip(rows, objects)]
-    return pa.Table.from_pylist(out, schema=schema.OBJECTS)
+    out = [{"key": r["key"], "image_id": r["id"], "prompt_class": r["class_name"], "objects": o}
+           for r, o in zip(rows, objects) if r["key"] not in errors]
+    table = pa.Table.from_pylist(out, schema=schema.OBJECTS)
+    return Partial(table, errors) if errors else table
 
 
 def write_coco(rows: list[dict], images: list[dict], classes: tuple[str, ...], path: Path) -> None:
@@ -98,7 +123,7 @@ BATCH = 32  # images per discover batch: 10 for the 300 toy images, an even spli
 
 @flow(name="discover")
 def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str,
-                  runner: Runner = Runner()) -> dict[str, float]:
+                  runner: Runner = Runner(), errors: Errors = Errors()) -> dict[str, float]:
     """Objects in every generated image; named by zero-shot with the configured
     encoder (`features.encoder`, on `features.device` in `features.dtype`)."""
     log = get_run_logger()
@@ -123,7 +148,9 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
         store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
                            cfg.shard_rows, pool=pool_dir("discover"))
         with progress(len(wanted), "discover") as bar:
-            stats = store.update(wanted, None, BATCH, bar.update, run=lambda batches: run.map(job, batches))
+            stats = store.update(wanted, None, BATCH, bar.update, run=lambda batches: run.map(job, batches),
+                                 max_error_fraction=errors.max_fraction)
+    report_errors("discover", out, stats)
     rows = read_table(out).to_pylist()
     write_coco(rows, [imgs[f["id"]] for f in feats], cfg.classes, Path(coco))
     if not facts["has_text"]:
@@ -135,14 +162,15 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
              "%d model load(s)); top object's zero-shot label = prompt class for %.1f%%", n_objects, len(rows),
              stats.computed, stats.reused, stats.restored, run.kind, len(run.loads), 100 * agree)
     return {"objects": n_objects, "label_agreement": agree, "items": stats.wanted, "computed": stats.computed,
-            "reused": stats.reused, "restored": stats.restored, "model_loads": len(run.loads)}
+            "reused": stats.reused, "restored": stats.restored, "failed": len(stats.failed), "errors": str(Path(out) / ERRORS) if stats.failed else None,
+            "model_loads": len(run.loads)}
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("discover", ["images", "features", "out", "coco"], argv)
     return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco,
-                         params.runner)
+                         params.runner, params.errors)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def generation_alignment(encoder: ImageEncoder, images: str, features: str, cfg:
     emb = {r["id"]: r["embedding"] for r in read_table(features, columns=["id", "embedding"]).to_pylist()}
     with torch.inference_mode():
         text = encoder.encode_text([cfg.prompt_template.format(c) for c in classes]).float().cpu().numpy()
-    known = [r for r in gen if r["class_name"] in classes]
+    known = [r for r in gen if r["class_name"] in classes and r["id"] in emb]  # failed items have no features
     image_emb = np.array([emb[r["id"]] for r in known], dtype=np.float32).reshape(len(known), -1)
     return prompt_alignment(image_emb, text, [classes.index(r["class_name"]) for r in known]), len(gen)
 

@@ -15,6 +15,7 @@ worker, which loads the encoder once (mirage/runner.py).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,11 +27,11 @@ from mirage import schema
 from mirage.fingerprint import encoder_spec, model_fingerprint
 from mirage.devices import compute_dtype, resolve_device
 from mirage.models import EncoderPatches, ImageEncoder, load_encoder, load_patch_backbone
-from mirage.params import Features, Runner
+from mirage.params import Errors, Features, Runner
 from mirage.runner import open_runner
-from mirage.stage import command, parse, pool_dir, progress
-from mirage.store import OrderedReader, ShardStore, item_key, iter_rows
-from tasks.features import decode_batch, embed_batch
+from mirage.stage import command, parse, pool_dir, progress, report_errors
+from mirage.store import ERRORS, OrderedReader, Partial, ShardStore, item_key, iter_rows
+from tasks.features import decode_batch, embed_batch, non_finite
 
 VERSION = 2
 
@@ -44,11 +45,21 @@ def patch_mode(cfg: Features) -> str | None:
     return cfg.patch_backbone.partition(":")[2] or "keys"
 
 
-def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema: pa.Schema, batch) -> pa.Table:
-    specs, images, pixels = batch
+def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema: pa.Schema, batch) -> pa.Table | Partial:
+    """A prepared batch's rows; items that failed to decode, or whose
+    features are not finite, come back as a Partial's errors."""
+    specs, images, pixels, errors = batch
+    if not specs:
+        return Partial(fschema.empty_table(), errors)
     emb, patches = embed_batch(encoder, pixels, images, mode, unet)
     n = len(specs)
     emb, patches = emb[:n], None if patches is None else patches[:n]  # drop the padding
+    bad = non_finite(emb, patches)
+    if bad:
+        errors = errors | {specs[i]["key"]: (specs[i]["id"], "non-finite features (NaN or inf)") for i in bad}
+        keep = [i for i in range(n) if i not in bad]
+        specs, emb = [specs[i] for i in keep], emb[keep]
+        patches = None if patches is None else patches[keep]
     cols = {
         "key": [s["key"] for s in specs],
         "id": [s["id"] for s in specs],
@@ -57,7 +68,8 @@ def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema
     }
     if patches is not None:
         cols["patches"] = pa.FixedSizeListArray.from_arrays(pa.array(patches.ravel(), pa.float16()), patches.shape[1])
-    return pa.table(cols, schema=fschema)
+    table = pa.table(cols, schema=fschema)
+    return Partial(table, errors) if errors else table
 
 
 @dataclass
@@ -102,25 +114,38 @@ class FeaturesJob:
                  # the UNet's identity, when it makes the patches
                  "patch_id": model_fingerprint(self.generator) if mode == "unet" else "", "grid": None}
         if mode and probe:
-            image = decode_batch([probe[0]], [probe[1]], None)
+            image, _ = decode_batch([probe[0]], [probe[1]], None)
             feats, (gh, gw) = (m.unet if mode == "unet" else EncoderPatches(m.encoder, mode)).patches(image)
             facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
         return facts
 
     def prepare(self, m: Loaded, batch: tuple[list[dict], list[bytes]]):
         specs, pngs = batch
-        decoded = decode_batch([s["id"] for s in specs], pngs, m.decoders)
+        decoded, bad = decode_batch([s["id"] for s in specs], pngs, m.decoders)
+        errors = {specs[i]["key"]: (specs[i]["id"], why) for i, why in bad.items()}
+        specs = [s for i, s in enumerate(specs) if i not in bad]
+        if decoded is None:
+            return specs, None, None, errors
         pad = self.cfg.batch_size - len(decoded)  # one batch shape: an item's bytes never depend on its batch
         if pad > 0:
             decoded = np.concatenate([decoded, np.repeat(decoded[-1:], pad, axis=0)])
-        return specs, decoded, m.encoder.prepare(decoded)
+        return specs, decoded, m.encoder.prepare(decoded), errors
 
     def compute(self, m: Loaded, prepared) -> pa.Table:
         return encode(m.encoder, patch_mode(self.cfg), m.unet, self.model_id, self.schema, prepared)
 
 
+def first_decodable(images: str) -> tuple[str, bytes] | None:
+    """(id, PNG) of the table's first image that decodes: the patch grid is measured on it."""
+    for row in iter_rows(images, ["id", "image"], batch_rows=16):
+        if not decode_batch([row["id"]], [row["image"]], None)[1]:
+            return row["id"], row["image"]
+    return None
+
+
 @flow(name="features")
-def features_flow(cfg: Features, images: str, generator: str, out: str, runner: Runner = Runner()) -> dict[str, int]:
+def features_flow(cfg: Features, images: str, generator: str, out: str, runner: Runner = Runner(),
+                  errors: Errors = Errors()) -> dict[str, int]:
     """`generator`: the configured generate.model, whose UNet a `unet:` patch backbone uses."""
     log = get_run_logger()
     mode = patch_mode(cfg)
@@ -128,7 +153,7 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
     with open_runner(runner, "features") as run:
         probe = None
         if mode and source:
-            probe = (source[0][1], OrderedReader(images, ["image"]).take([source[0][0]])[0]["image"])
+            probe = first_decodable(images)
         facts = run.describe(FeaturesJob(cfg, generator), probe)
         model_id, patch_id, computed_on = facts["model"], facts["patch_id"], tuple(facts["computed_on"])
         meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
@@ -156,19 +181,21 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
         start = time.perf_counter()
         with progress(len(wanted), "features", unit="img") as bar:
             stats = store.update(wanted, None, cfg.batch_size, bar.update,
-                                 run=lambda batches: run.map(job, batches, fetch, prefetch))
+                                 run=lambda batches: run.map(job, batches, fetch, prefetch),
+                                 max_error_fraction=errors.max_fraction)
+    report_errors("features", out, stats)
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
     log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) with %s "
              "(%s runner, %d model load(s))", stats.wanted, stats.computed, rate, stats.reused, stats.restored,
              stats.dropped, model_id, run.kind, len(run.loads))
     return {"items": stats.wanted, "computed": stats.computed, "reused": stats.reused, "restored": stats.restored,
-            "rate": round(rate, 2), "model_loads": len(run.loads)}
+            "failed": len(stats.failed), "errors": str(Path(out) / ERRORS) if stats.failed else None, "rate": round(rate, 2), "model_loads": len(run.loads)}
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("features", ["images", "out"], argv)
-    return features_flow(params.features, args.images, params.generate.model, args.out, params.runner)
+    return features_flow(params.features, args.images, params.generate.model, args.out, params.runner, params.errors)
 
 
 if __name__ == "__main__":

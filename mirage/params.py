@@ -203,6 +203,15 @@ class Alerts(Section):
         return v
 
 
+class Errors(Section):
+    """How many bad items (undecodable images, non-finite features, images
+    where discovery finds no object) a stage tolerates: they are listed in the
+    table's errors.parquet and retried by the next run; past this share of the
+    stage's items the stage fails."""
+
+    max_fraction: float = Field(default=0.05, ge=0, le=1)
+
+
 class Runner(Section):
     """Where item batches and stages run: never what they compute (outputs are
     byte-identical on every runner), so no stage depends on it."""
@@ -259,8 +268,8 @@ class Runner(Section):
 
 
 class Params(Section):
-    # who hears of failures, and where batches run, are not the experiment
-    RUNTIME = frozenset({"alerts", "runner"})
+    # who hears of failures, where batches run and how many bad items fail a stage are not the experiment
+    RUNTIME = frozenset({"alerts", "runner", "errors"})
 
     toyworld: Toyworld
     train_generator: TrainGenerator
@@ -272,6 +281,7 @@ class Params(Section):
     evaluate: Evaluate
     alerts: Alerts = Alerts()
     runner: Runner = Runner()
+    errors: Errors = Errors()
 
 
 class ParamsError(ValueError):

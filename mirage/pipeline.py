@@ -446,7 +446,10 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             lines.append(f"  {r.name:<15} restored from DVC's run-cache in {r.seconds:.1f} s")
         else:
             counts = r.result if isinstance(r.result, dict) and "computed" in r.result else None
-            detail = f" ({counts['computed']} of {counts['items']} items computed)" if counts and "items" in counts else ""
+            detail = f" ({counts['computed']} of {counts['items']} items computed" if counts and "items" in counts else ""
+            if detail:
+                failed = counts.get("failed")
+                detail += f", {failed} failed: listed in {counts.get('errors')})" if failed else ")"
             lines.append(f"  {r.name:<15} ran {r.seconds:.1f} s{detail}")
     metrics = root / "metrics" / "evaluate.json"
     if metrics.exists():

@@ -204,6 +204,8 @@ def metrics_table(results: list, metrics: dict | None) -> list[dict[str, Any]]:
         counts = {k: out[k] for k in ("items", "computed", "reused") if k in out}
         rows.append({"stage": r.name, "metric": "items computed / total" if counts else "ran",
                      "value": f"{counts.get('computed')} / {counts.get('items')}" if counts else str(r.ran)})
+        if out.get("failed"):
+            rows.append({"stage": r.name, "metric": "items failed (errors.parquet)", "value": str(out["failed"])})
     rows += [{"stage": "evaluate", "metric": k, "value": _fmt(v)} for k, v in key_metrics(metrics).items()]
     return rows
 
@@ -218,7 +220,8 @@ def summary_markdown(results: list, seconds: float, metrics: dict | None, previo
         state = "restored from run-cache" if r.restored else "ran" if r.ran else "up to date"
         out = r.result if isinstance(r.result, dict) else {}
         if r.ran and "items" in out:
-            state += f" ({out['computed']} of {out['items']} items computed)"
+            state += f" ({out['computed']} of {out['items']} items computed"
+            state += f", {out['failed']} failed: its table's errors.parquet)" if out.get("failed") else ")"
         why = "; ".join(r.why).replace("|", "/") if r.why else ("forced" if r.ran else "")
         lines.append(f"| {r.name} | {state} | {r.seconds:.1f} | {why[:300]} |")
     now, before = key_metrics(metrics), key_metrics(previous)

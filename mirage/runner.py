@@ -90,7 +90,7 @@ def retrying(cfg: Runner, what: str, fn: Callable[[], Any]) -> Any:
     """`fn()`, tried again `runner.retries` times after a failure, waiting
     `runner.retry_delay` seconds, doubled each time (what Prefect's task
     retries do on Dask).  A stopped run, or a batch too large, is not retried."""
-    from mirage.stage import StageStopped
+    from mirage.stage import StageStopped, logger
 
     for attempt in range(cfg.retries + 1):
         try:
@@ -101,7 +101,7 @@ def retrying(cfg: Runner, what: str, fn: Callable[[], Any]) -> Any:
             if attempt == cfg.retries:
                 raise
             delay = cfg.retry_delay * 2 ** attempt
-            logging.getLogger("mirage").warning("%s failed (%s: %s): retry %d of %d in %.1f s", what,
+            logger().warning("%s failed (%s: %s): retry %d of %d in %.1f s", what,
                                                 type(err).__name__, err, attempt + 1, cfg.retries, delay)
             time.sleep(delay)
 

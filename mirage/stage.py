@@ -166,6 +166,40 @@ class LossProgress:
         self.bar.close()
 
 
+def logger():
+    """The flow run's logger (shown on the dashboard) inside one, else mirage's."""
+    import logging
+
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    return logging.getLogger("mirage")
+
+
+def report_errors(stage: str, table: str | Path, stats) -> None:
+    """A stage's failed items (a store's UpdateStats.failed), in its log and,
+    inside a flow run, as a table artifact `<stage>-errors` on the dashboard."""
+    if not stats.failed:
+        return
+    from prefect.context import FlowRunContext
+
+    log = logger()
+    rows = [{"id": item, "stage": stage, "reason": why} for item, why in stats.failed.values()]
+    log.warning("%s: %d of %d items failed (listed in %s/errors.parquet, retried by the next run): %s", stage,
+                len(rows), stats.wanted, table, "; ".join(f"{r['id']}: {r['reason']}" for r in rows[:3]))
+    if FlowRunContext.get() is not None:
+        from prefect.artifacts import create_table_artifact
+
+        try:
+            create_table_artifact(rows[:200], key=f"{stage}-errors",
+                                  description=f"{len(rows)} of {stats.wanted} items failed in {table} (first 200)")
+        except Exception:  # the dashboard is a view: never fail a stage over it
+            pass
+
+
 POOL_ENV = "MIRAGE_POOL"
 
 

@@ -210,12 +210,35 @@ def prepared_ahead(chunks: Sequence[Any], prepare: Callable[[Any], Any], depth: 
 
 
 @dataclass
+class Partial:
+    """A batch's rows for the items that worked (in batch order) and why the
+    others failed: key -> (item id, reason).  Failed items are left out of
+    the table and reported in its errors file; they are not cached, so the
+    next run tries them again."""
+
+    table: pa.Table
+    errors: dict[str, tuple[str, str]]
+
+
+class TooManyErrors(RuntimeError):
+    """More items failed than `errors.max_fraction` allows."""
+
+
+@dataclass
 class UpdateStats:
     wanted: int
     reused: int  # from the output, unfinished work, or the pool
     computed: int
     dropped: int
     restored: int = 0  # of `reused`: rows brought back from the pool
+    failed: dict[str, tuple[str, str]] = None  # key -> (item id, reason), in wanted order
+
+    def __post_init__(self):
+        self.failed = self.failed or {}
+
+
+ERRORS = "errors.parquet"  # a table's failed items: key, id, stage, reason
+ERROR_SCHEMA = pa.schema([("key", pa.string()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 
 
 class ShardStore:
@@ -272,6 +295,7 @@ class ShardStore:
         prepare: Callable[[list[Any]], Any] | None = None,
         prefetch: int = 2,
         run: Callable[[list[list[Any]]], Iterator[tuple[int, pa.Table]]] | None = None,
+        max_error_fraction: float = 1.0,
     ) -> UpdateStats:
         """Make the table hold exactly `wanted` (key, spec) items, in order.
 
@@ -281,6 +305,10 @@ class ShardStore:
         in a background thread, `prefetch` batches ahead).  Or `run(batches)`
         yields (index, table) for every batch of specs, in any order (a runner,
         mirage/runner.py): the output is the same whatever order they come in.
+        A batch's result may be a `Partial`: its failed items are left out of
+        the table and listed in `errors.parquet` beside the shards; past
+        `max_error_fraction` of the wanted items, TooManyErrors is raised
+        after the table is written (what worked is kept).
         """
         keys = [k for k, _ in wanted]
         if len(set(keys)) != len(keys):
@@ -293,6 +321,7 @@ class ShardStore:
                 sweep_temps(folder)  # half-written files of a killed run: never read, now removed
         index = self._index()
         missing = [(k, s) for k, s in wanted if k not in index]
+        failed: dict[str, tuple[str, str]] = {}
         pooled = sum(1 for k, _ in wanted if k in index and self._pooled(index[k][0]))
         chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
         if run is None:
@@ -317,15 +346,19 @@ class ShardStore:
                 err.add_note(f"items {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)} in the batch) of {self.root}")
                 raise
             chunk = chunks[i]
+            if isinstance(table, Partial):
+                failed.update(table.errors)
+                table = table.table
             got = table.column("key").to_pylist()
-            if got != [k for k, _ in chunk]:
+            if got != [k for k, _ in chunk if k not in failed]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")
-            path = work / f"batch-{item_key(got)}.parquet"
             faults.point("batch")  # computed, not saved: the batch is redone
-            write_parquet(path, table.cast(self.schema), self.options)
+            if got:
+                path = work / f"batch-{item_key(got)}.parquet"
+                write_parquet(path, table.cast(self.schema), self.options)
+                for row, key in enumerate(got):
+                    index[key] = (path, row)
             faults.point("batch-saved")
-            for row, key in enumerate(got):
-                index[key] = (path, row)
             if progress:
                 progress(len(chunk))
         reused = len(wanted) - len(missing)
@@ -333,8 +366,20 @@ class ShardStore:
         dropped = old_keys - set(keys)
         if self.pool and dropped:
             self._keep(sorted(dropped), index)
-        self._finalize(keys, index)
-        return UpdateStats(len(wanted), reused, len(missing), len(dropped), pooled)
+        failed = {k: failed[k] for k in keys if k in failed}  # in wanted order
+        self._finalize([k for k in keys if k not in failed], index, failed)
+        stats = UpdateStats(len(wanted), reused, len(missing) - len(failed), len(dropped), pooled, failed)
+        if len(failed) > max_error_fraction * len(wanted):
+            raise TooManyErrors(self.error_summary(stats, max_error_fraction))
+        return stats
+
+    def error_summary(self, stats: UpdateStats, max_fraction: float) -> str:
+        """Failed items in words: how many of how many, the limit, the first reasons."""
+        shown = [f"{item}: {reason}" for item, reason in list(stats.failed.values())[:5]]
+        more = f"; ... ({len(stats.failed) - 5} more)" if len(stats.failed) > 5 else ""
+        return (f"{len(stats.failed)} of {stats.wanted} items failed in {self.root} (more than errors.max_fraction="
+                f"{max_fraction} allows; all in {self.root / ERRORS}, retried by the next run): "
+                + "; ".join(shown) + more)
 
     def _pooled(self, path: Path) -> bool:
         return bool(self.pool) and path.parent.parent == self.pool
@@ -398,7 +443,8 @@ class ShardStore:
             if not keys:
                 writer.write_table(schema.empty_table())
 
-    def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]]) -> None:
+    def _finalize(self, keys: list[str], index: dict[str, tuple[Path, int]],
+                  failed: dict[str, tuple[str, str]] | None = None) -> None:
         shards = []
         for start in range(0, max(len(keys), 1), self.shard_rows):
             part = keys[start : start + self.shard_rows]
@@ -407,9 +453,13 @@ class ShardStore:
             if not path.exists():
                 self._write(path, part, index)
             shards.append({"file": name, "rows": len(part), "keys": part})
+        if failed:  # what failed, beside the shards (a reader of the manifest never sees it)
+            stage = self.metadata.get("stage", "")
+            rows = [{"key": k, "id": item, "stage": stage, "reason": why} for k, (item, why) in failed.items()]
+            write_parquet(self.root / ERRORS, pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
         faults.point("shards-written")
         atomic_write_json(self.root / MANIFEST, {"shards": shards}, fault="manifest-replace")
-        keep = {s["file"] for s in shards} | {MANIFEST}
+        keep = {s["file"] for s in shards} | {MANIFEST} | ({ERRORS} if failed else set())
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -455,6 +505,12 @@ def schema_digest(schema: pa.Schema) -> str:
     pq.write_table(schema.remove_metadata().empty_table(), buf)
     stored = pq.read_schema(io.BytesIO(buf.getvalue())).remove_metadata()
     return hashlib.sha256(stored.to_string().encode()).hexdigest()[:12]
+
+
+def read_errors(root: str | Path) -> list[dict[str, str]]:
+    """The failed items of the table at `root` (key, id, stage, reason)."""
+    path = Path(root) / ERRORS
+    return pq.read_table(path).to_pylist() if path.exists() else []
 
 
 def read_table(root: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -10,21 +10,36 @@ from mirage.images import decode_png
 from mirage.models import ImageEncoder
 
 
-def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None) -> np.ndarray:
-    """uint8 N x H x W x 3; an undecodable image is named, not skipped."""
-    def one(pair):
-        image_id, data = pair
+def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None) -> tuple[np.ndarray | None, dict[int, str]]:
+    """uint8 N x H x W x 3 of the images that decode, and index -> reason for
+    those that do not (corrupt or empty bytes, another size than the rest):
+    named, not skipped silently."""
+    def one(data: bytes):
         try:
             return decode_png(data)
         except Exception as err:  # noqa: BLE001 - PIL raises several types
-            raise ValueError(f"image {image_id!r} cannot be decoded: {err}") from None
+            return f"cannot be decoded: {type(err).__name__}: {err}" if data else "empty image (0 bytes)"
 
-    pairs = list(zip(ids, pngs))
-    images = list(pool.map(one, pairs)) if pool else [one(p) for p in pairs]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images of one table must share a size, got {sorted(shapes)}")
-    return np.stack(images)
+    images = list(pool.map(one, pngs)) if pool else [one(p) for p in pngs]
+    bad = {i: im for i, im in enumerate(images) if isinstance(im, str)}
+    good = [im for im in images if not isinstance(im, str)]
+    if good:
+        shapes = [im.shape for im in good]
+        common = max(set(shapes), key=shapes.count)  # images of one table share a size
+        for i, im in enumerate(images):
+            if i not in bad and im.shape != common:
+                bad[i] = f"size {im.shape[1]}x{im.shape[0]}, not the batch's {common[1]}x{common[0]}"
+    kept = [im for i, im in enumerate(images) if i not in bad]
+    return (np.stack(kept) if kept else None), bad
+
+
+def non_finite(*arrays: np.ndarray | None) -> list[int]:
+    """Rows (axis 0) holding a NaN or an infinity in any of the arrays."""
+    rows: set[int] = set()
+    for a in arrays:
+        if a is not None:
+            rows |= set(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1)).tolist())
+    return sorted(rows)
 
 
 def embed_batch(encoder: ImageEncoder, pixels: torch.Tensor, images: np.ndarray, patch_mode: str | None,
