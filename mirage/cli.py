@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.cron is None) == (args.interval is None):
         print("mirage serve: give one of --cron or --interval", file=sys.stderr)
         return 2
-    if not connect(root):  # Prefect's temporary server has no scheduler
+    if not connect(root, temporary=False):  # Prefect's temporary server has no scheduler
         print("mirage serve: no Prefect server to schedule runs on: start `mirage server` in this project "
               "first (or point PREFECT_API_URL at a running Prefect server)", file=sys.stderr)
         return 2

@@ -42,19 +42,56 @@ def configured_api() -> str | None:
     return get_current_settings().api.url
 
 
-def connect(root: str | Path = ".") -> str | None:
+def connect(root: str | Path = ".", temporary: bool = True) -> str | None:
     """Report this process's flow runs to the project's server when one is up.
-    Returns the API URL runs report to (None: a temporary server)."""
+    Returns the API URL runs report to, or None when there is no server but
+    a temporary one: started here (with `temporary`) so that it ends with
+    this process, even when this process is killed."""
     url = configured_api()
     if url:
         return url
     url = running(root)
     if url:
-        from prefect.context import refresh_global_settings_context
-
-        os.environ["PREFECT_API_URL"] = url  # stage processes started from here inherit it
-        refresh_global_settings_context()
+        _use_api(url)  # stage processes started from here inherit it
+    elif temporary:
+        start_temporary_server()
     return url
+
+
+def _use_api(url: str) -> None:
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+
+
+def start_temporary_server() -> str | None:
+    """Prefect's temporary server (what a flow starts when no API is
+    configured), started now from this thread with Linux's parent-death
+    signal: when this process dies, even by SIGKILL, the server ends too
+    instead of living on orphaned.  Prefect stops it at a normal exit.  Only
+    from the main thread (the signal fires when the starting thread ends);
+    elsewhere Prefect starts its own when a flow needs it."""
+    import threading
+    import types
+
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    from prefect.server.api import server as prefect_server
+
+    def popen(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        return subprocess.Popen(*args, **kwargs)
+
+    temp = prefect_server.SubprocessASGIServer()
+    real = prefect_server.subprocess
+    prefect_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})  # its one Popen call
+    try:
+        temp.start()
+    finally:
+        prefect_server.subprocess = real
+    _use_api(temp.api_url)
+    return temp.api_url
 
 
 def serve(root: str | Path, host: str, port: int) -> int:

@@ -171,3 +171,37 @@ def test_stage_killed_at_every_point_resumes_byte_identical(done, tmp_path, stag
     assert sum(c["computed"] for c in counts) == 0  # every item was finished by the killed runs
     assert {t: files(root / t) for t in tables} | {f: (root / f).read_bytes() for f in extra} == reference
     assert temps(root / "data") == [] and temps(root / ".mirage") == []
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag` (children inherit it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if tag.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_killed_stage_leaves_no_prefect_server_behind(tiny_project, tmp_path):
+    """Without a configured API a stage process starts Prefect's temporary
+    server; killed by SIGKILL, its server ends too (it used to live on,
+    re-parented to init)."""
+    import time
+    import uuid
+
+    tag = f"MIRAGE_ORPHAN_TEST={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MIRAGE_FAULT"))}
+    env |= {"MIRAGE_FAULT": "batch@1", "PREFECT_HOME": str(tmp_path / "prefect-home"), tag.split("=")[0]: tag.split("=")[1]}
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:  # a file, not a pipe: an orphan holding a pipe open would block run() here
+        killed = subprocess.run(stage_command(tiny_project, "toyworld"), cwd=tiny_project, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    deadline = time.monotonic() + 30
+    while processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with(tag) == []
