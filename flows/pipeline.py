@@ -44,7 +44,7 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
     log = get_run_logger()
     start = time.perf_counter()
     root_path = Path(root).resolve()
-    with contextlib.chdir(root_path):
+    with contextlib.chdir(root_path), pipeline.run_lock(root_path):  # a scheduled run: one at a time too
         previous = report.read_metrics(root_path)
         params = pipeline.prepare(root_path, overrides or {}, tuple(train or ()))
         tags = report.run_tags(root_path, params)

@@ -224,7 +224,7 @@ class WorkspaceBusy(PipelineError):
 
 def busy(root) -> WorkspaceBusy:
     return WorkspaceBusy(f"another pipeline run or `dvc repro` is using {root} (DVC's lock .dvc/tmp/lock "
-                         f"is held): this run did nothing; try again when it ends")
+                         f"is held): this run did nothing, params.yaml is as it was; try again when it ends")
 
 
 @contextlib.contextmanager
@@ -242,6 +242,54 @@ def workspace_lock(repo):
         yield
     finally:
         cm.__exit__(None, None, None)
+
+
+_RUN_LOCKS: dict[Path, int] = {}  # project root -> how deep this process holds its run lock
+
+
+@contextlib.contextmanager
+def run_lock(root: Path):
+    """One mirage run per workspace, taken before params.yaml is touched:
+    `.mirage/run.lock`, flock'ed (the kernel drops it when the process dies,
+    even by SIGKILL: no stale lock).  Re-entrant within this process (a
+    `mirage run` and the pipeline flow it starts).  A second run exits at
+    once, naming the first."""
+    import fcntl
+    import os
+
+    root = Path(root).resolve()
+    if root in _RUN_LOCKS:
+        _RUN_LOCKS[root] += 1
+        try:
+            yield
+        finally:
+            _RUN_LOCKS[root] -= 1
+        return
+    path = root / ".mirage" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        raise WorkspaceBusy(f"another mirage run or a stage of `dvc repro` ({holder or 'pid unknown'}) is using "
+                            f"{root}: this run did nothing, params.yaml is as it was; try again when it ends") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _RUN_LOCKS[root] = 1
+    try:
+        yield
+    finally:
+        del _RUN_LOCKS[root]
+        os.ftruncate(fd, 0)  # the file names its holder only while held
+        os.close(fd)  # releases the lock
+
+
+def check_dvc_free(root: Path) -> None:
+    """WorkspaceBusy if `dvc repro` (or anything holding DVC's lock) runs here now."""
+    with _repo(root) as repo, workspace_lock(repo):
+        pass
 
 
 def upstream_stages(repo, stages: list) -> dict[str, set[str]]:
@@ -398,6 +446,7 @@ def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = 
     params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
     if overrides and params != params_mod.load("params.yaml"):  # a scheduled run's overrides are set once
         check_models(params)  # and models that cannot be loaded, before params.yaml changes
+        check_dvc_free(root)  # `dvc repro` running here would record the new values as its own
         params_mod.write_overrides("params.yaml", overrides)
     with _repo(root) as repo:
         frozen = {s.name for s in repo.index.stages if s.frozen}
@@ -417,7 +466,7 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
     from mirage.server import connect
 
     root = Path(root).resolve()
-    with contextlib.chdir(root):
+    with contextlib.chdir(root), run_lock(root):
         prepare(root, overrides, train)  # validates, checks changed models, writes the overrides
         if not force and not train:
             from dvc.lock import LockError

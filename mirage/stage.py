@@ -42,6 +42,10 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
         if not target.is_relative_to(root):
             raise params_mod.ParamsError(f"--{name} {getattr(args, name)!r} of stage {stage} is outside the "
                                          f"project {root}: stage paths stay inside it")
+    from mirage.pipeline import _RUN_LOCKS, run_lock
+
+    if Path(root).resolve() not in _RUN_LOCKS:  # a process of its own (`dvc repro`, which unlocks DVC's
+        _TAGS.enter_context(run_lock(root))  # repo while a stage command runs): no `mirage run` beside it
     connect(Path(args.params).resolve().parent)  # under `dvc repro`: report to the project's `mirage server` if up
     experiment = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run` for its stage commands
     if experiment:
@@ -61,9 +65,11 @@ def command(main) -> None:
     what it did (items, computed, reused, metrics) as one JSON line on
     stdout.  A bad parameter exits 2 with the key named; a failure exits
     non-zero with its traceback (what `dvc repro` shows)."""
+    from mirage.pipeline import PipelineError
+
     try:
         result = main(sys.argv[1:])
-    except params_mod.ParamsError as err:
+    except (params_mod.ParamsError, PipelineError) as err:
         print(f"mirage: {err}", file=sys.stderr)
         sys.exit(2)
     print(RESULT, json.dumps(result, default=str, sort_keys=True), flush=True)
