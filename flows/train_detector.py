@@ -1,14 +1,17 @@
 """Stage train_detector: Faster R-CNN on the discovered pseudo-boxes of generated images."""
 from __future__ import annotations
 
+import hashlib
+import json
 
 import numpy as np
 from prefect import flow, get_run_logger
 
+from mirage.checkpoint import Checkpoints
 from mirage.images import decode_mask, decode_png
-from mirage.params import TrainDetector
+from mirage.params import Runner, TrainDetector
 from mirage.stage import LossProgress, command, parse
-from mirage.store import atomic_dir, read_table
+from mirage.store import atomic_dir, item_key, read_table
 from tasks.train_detector import merge_predictions, predict, save_detector, train
 
 
@@ -43,7 +46,8 @@ def paste_pool(labelled: list[dict], size: tuple[int, int]) -> list[tuple[int, n
 
 
 @flow(name="train_detector")
-def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, objects: str, out: str) -> list[float]:
+def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, objects: str, out: str,
+                        runner: Runner = Runner()) -> list[float]:
     """Round 0 on the discovered boxes, then one self-training round per score in
     cfg.self_train_scores.  Saves every round under OUT/round-K."""
     log = get_run_logger()
@@ -52,6 +56,9 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
     num_classes = len(classes) if cfg.class_aware else 1
     rounds = [(cfg.steps, None), *[(cfg.self_train_steps, s) for s in cfg.self_train_scores]]
     model, finals = None, []
+    key = item_key("train_detector", cfg.digest(), classes, hashlib.sha256(data.tobytes()).hexdigest(),
+                   json.dumps(labelled, sort_keys=True, default=str))
+    checkpoints = Checkpoints("train_detector", key, runner.checkpoint_every)
     with atomic_dir(out) as tmp:
         for r, (steps, score) in enumerate(rounds):
             if score is not None:
@@ -59,17 +66,21 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
             log.info("round %d: %d images, %d boxes, %d steps", r, len(data), sum(len(x["boxes"]) for x in labelled), steps)
             with LossProgress(steps, f"train_detector round {r}") as on_step:
                 model, dcfg = train(cfg, data, labelled, on_step, steps=steps, start=model, num_classes=num_classes,
-                                    paste_pool=pool)
+                                    paste_pool=pool, checkpoints=checkpoints, round_=r)
+            if r in checkpoints.resumed:
+                log.info("round %d: resumed from its checkpoint at step %d of %d", r, checkpoints.resumed[r], steps)
             save_detector(model, dcfg, tmp / f"round-{r}")
             finals.append(on_step.mean())
             log.info("round %d: loss %.3f -> %.3f", r, on_step.losses[0], finals[-1])
+    checkpoints.clear()  # the model is in place
     return finals
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
     params, args = parse("train_detector", ["images", "objects", "out"], argv)
-    return train_detector_flow(params.train_detector, list(params.discover.classes), args.images, args.objects, args.out)
+    return train_detector_flow(params.train_detector, list(params.discover.classes), args.images, args.objects, args.out,
+                               params.runner)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,7 @@ class Runner(Section):
     adapt: dict[str, int] | None = None  # adaptive scaling, e.g. {minimum: 1, maximum: 8}
     batches_per_task: int | Literal["auto"] = "auto"  # Dask: batches one Prefect task computes (auto: <= 8)
     parallel_stages: int = Field(default=2, ge=1)  # stale stages with their upstream done that run at once
+    checkpoint_every: int = Field(default=50, ge=0)  # training steps between checkpoints (0: none)
     retries: int = Field(default=2, ge=0)  # a failed batch is computed again this many times
     retry_delay: float = Field(default=1.0, ge=0)  # seconds before the first retry, doubled for each next one
 

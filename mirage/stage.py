@@ -161,6 +161,12 @@ class LossProgress:
         if self.log and self.log_every and step % self.log_every == 0:
             self.log.info("step %d loss %.4f", step, self.mean())
 
+    def resume(self, losses: list[float]) -> None:
+        """Continue after `losses` (a checkpoint's): the bar and the mean go on from there."""
+        self.losses = list(losses)
+        self.bar.n = len(losses)
+        self.bar.refresh()
+
     def mean(self, last: int | None = None) -> float:
         """Mean loss of the last `last` steps (default: the window)."""
         return float(np.mean(self.losses[-(last or self.window):]))

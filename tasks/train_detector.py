@@ -127,13 +127,16 @@ def train(
     start: FasterRCNN | None = None,
     num_classes: int = 1,
     paste_pool: list[tuple[int, np.ndarray, int]] | None = None,
+    checkpoints=None,
+    round_: int = 0,
 ) -> tuple[FasterRCNN, DetectorConfig]:
     """images: uint8 N x H x W x 3; labelled: per image {"boxes": list of
     (x, y, w, h) px, "labels": class ids 1..num_classes}.  num_classes 1 is
     class-agnostic.  `start` continues from a trained model (self-training).
     With cfg.copy_paste > 0, each image of a batch receives, with that
     probability, one object of `paste_pool` ((image index, bool mask, label):
-    the discovered masks) at a random place."""
+    the discovered masks) at a random place.  `checkpoints` (mirage.checkpoint):
+    resume round `round_` from its last checkpoint, and save new ones."""
     steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -149,7 +152,19 @@ def train(
     sched = get_cosine_schedule_with_warmup(opt, max(steps // 10, 1), steps)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     width = images.shape[2]
-    for step in range(steps):
+    first = 0
+    found = checkpoints.latest(round_) if checkpoints else None
+    if found:
+        first, state = found
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if hasattr(on_step, "resume"):
+            on_step.resume(state["losses"])
+        checkpoints.resumed[round_] = first
+    for step in range(first, steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         targets = to_targets([labelled[i] for i in idx], images.shape[1:3] if cfg.masks else None)
         batch = data[idx]  # a copy: pasting below leaves `data` alone
@@ -171,6 +186,11 @@ def train(
         sched.step()
         if on_step:
             on_step(step, loss.item())
+        if checkpoints and checkpoints.due(step + 1, steps):
+            checkpoints.save(round_, step + 1, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "losses": list(getattr(on_step, "losses", []))})
     return model.eval(), dcfg
 
 

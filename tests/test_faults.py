@@ -205,3 +205,29 @@ def test_killed_stage_leaves_no_prefect_server_behind(tiny_project, tmp_path):
     while processes_with(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert processes_with(tag) == []
+
+
+def test_training_killed_resumes_from_its_checkpoint_byte_identical(done, tmp_path):
+    """train_detector (tiny: 60 steps, then a self-training round of 30) killed
+    at step 25 of round 1 resumes there (checkpoints every 20 steps); killed
+    while its model directory is swapped in, the rerun trains nothing; both
+    end with the uninterrupted run's bytes and no temp or checkpoint left."""
+    from mirage.params import write_overrides
+
+    root = tmp_path / "project"
+    shutil.copytree(done, root, symlinks=True)
+    write_overrides(root / "params.yaml", {"runner.checkpoint_every": 20})  # runner: no stage's parameter
+    reference = files(done / "models" / "detector")
+    shutil.rmtree(root / "models" / "detector")
+    killed = run_stage(root, "train_detector", "train-step@85")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (root / "models" / "detector").exists()
+    resumed = run_stage(root, "train_detector", "model-swap@3")  # the rounds saved (1, 2), then the output (3)
+    assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
+    assert "round 1: resumed from its checkpoint at step 20 of 30" in resumed.stderr
+    assert "round 0: resumed from its checkpoint at step 60 of 60" in resumed.stderr  # round 0 was finished
+    final = run_stage(root, "train_detector")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "round 1: resumed from its checkpoint at step 30 of 30" in final.stderr  # nothing trained again
+    assert files(root / "models" / "detector") == reference
+    assert temps(root / "models") == [] and not list((root / ".mirage" / "checkpoints").rglob("*.pt"))
