@@ -1,17 +1,14 @@
 """Stage train_detector: Faster R-CNN on the discovered pseudo-boxes of generated images."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 from prefect import flow, get_run_logger
 
-from mirage.checkpoint import Checkpoints
+from mirage.checkpoint import Checkpoints, data_key
 from mirage.images import decode_mask, decode_png
 from mirage.params import Runner, TrainDetector
 from mirage.stage import LossProgress, command, parse
-from mirage.store import atomic_dir, item_key, read_table
+from mirage.store import atomic_dir, read_table
 from tasks.train_detector import merge_predictions, predict, save_detector, train
 
 
@@ -56,9 +53,7 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
     num_classes = len(classes) if cfg.class_aware else 1
     rounds = [(cfg.steps, None), *[(cfg.self_train_steps, s) for s in cfg.self_train_scores]]
     model, finals = None, []
-    key = item_key("train_detector", cfg.digest(), classes, hashlib.sha256(data.tobytes()).hexdigest(),
-                   json.dumps(labelled, sort_keys=True, default=str))
-    checkpoints = Checkpoints("train_detector", key, runner.checkpoint_every)
+    checkpoints = Checkpoints("train_detector", data_key(cfg.digest(), classes, data, labelled), runner.checkpoint_every)
     with atomic_dir(out) as tmp:
         for r, (steps, score) in enumerate(rounds):
             if score is not None:

@@ -63,3 +63,48 @@ class Checkpoints:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def resume(self, round_: int, parts: dict[str, Any], rng, on_step=None) -> int:
+        """Load the round's last checkpoint into `parts` (name -> anything
+        with state_dict/load_state_dict: model, EMA, optimizer, schedule),
+        NumPy's `rng`, torch's generator and `on_step`'s losses; the step to
+        continue from (0: none)."""
+        import torch
+
+        found = self.latest(round_)
+        if not found:
+            return 0
+        step, state = found
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if hasattr(on_step, "resume"):
+            on_step.resume(state["losses"])
+        self.resumed[round_] = step
+        return step
+
+    def step_done(self, round_: int, step: int, steps: int, parts: dict[str, Any], rng, on_step=None) -> None:
+        """After `step` of `steps`: save a checkpoint when one is due."""
+        import torch
+
+        if self.due(step, steps):
+            self.save(round_, step, {**{name: part.state_dict() for name, part in parts.items()},
+                                     "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                     "losses": list(getattr(on_step, "losses", []))})
+
+
+def data_key(*arrays_or_values: Any) -> str:
+    """What a training depends on, hashed: arrays by their bytes, the rest as JSON."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for value in arrays_or_values:
+        if isinstance(value, np.ndarray):
+            h.update(value.tobytes())
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]

@@ -152,18 +152,8 @@ def train(
     sched = get_cosine_schedule_with_warmup(opt, max(steps // 10, 1), steps)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     width = images.shape[2]
-    first = 0
-    found = checkpoints.latest(round_) if checkpoints else None
-    if found:
-        first, state = found
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if hasattr(on_step, "resume"):
-            on_step.resume(state["losses"])
-        checkpoints.resumed[round_] = first
+    parts = {"model": model, "optimizer": opt, "schedule": sched}
+    first = checkpoints.resume(round_, parts, rng, on_step) if checkpoints else 0
     for step in range(first, steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         targets = to_targets([labelled[i] for i in idx], images.shape[1:3] if cfg.masks else None)
@@ -186,11 +176,8 @@ def train(
         sched.step()
         if on_step:
             on_step(step, loss.item())
-        if checkpoints and checkpoints.due(step + 1, steps):
-            checkpoints.save(round_, step + 1, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "losses": list(getattr(on_step, "losses", []))})
+        if checkpoints:
+            checkpoints.step_done(round_, step + 1, steps, parts, rng, on_step)
     return model.eval(), dcfg
 
 

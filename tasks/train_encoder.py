@@ -17,9 +17,11 @@ def train(
     images: np.ndarray,
     captions: list[str],
     on_step: Callable[[int, float], None] | None = None,
+    checkpoints=None,
 ) -> Encoder:
     """images: uint8 N x H x W x 3, captions: N strings.  CLIP loss where every
-    item with the same caption counts as a positive (toy captions repeat)."""
+    item with the same caption counts as a positive (toy captions repeat).
+    `checkpoints` (mirage.checkpoint): resume from the last one, save new ones."""
     encoder = load_encoder(f"random:{cfg.config}:{cfg.seed}", torch.device("cpu"))
     model = encoder.model.train()
     rng = np.random.default_rng(cfg.seed)
@@ -28,7 +30,9 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
     # linear warmup over the first 1/10 of the steps, then cosine decay to 0
     sched = get_cosine_schedule_with_warmup(opt, max(cfg.steps // 10, 1), cfg.steps)
-    for step in range(cfg.steps):
+    parts = {"model": model, "optimizer": opt, "schedule": sched}
+    first = checkpoints.resume(0, parts, rng, on_step) if checkpoints else 0
+    for step in range(first, cfg.steps):
         idx = rng.integers(0, len(images), cfg.batch_size)
         batch = images[idx]
         flip = rng.random(len(idx)) < 0.5
@@ -47,5 +51,7 @@ def train(
             model.logit_scale.clamp_(0, np.log(100))
         if on_step:
             on_step(step, loss.item())
+        if checkpoints:
+            checkpoints.step_done(0, step + 1, cfg.steps, parts, rng, on_step)
     model.eval()
     return encoder

@@ -38,8 +38,10 @@ def train(
     labels: np.ndarray,
     class_names: list[str],
     on_step: Callable[[int, float], None] | None = None,
+    checkpoints=None,
 ) -> ToyPipeline:
-    """images: uint8 N x H x W x 3; labels: int N (index into class_names)."""
+    """images: uint8 N x H x W x 3; labels: int N (index into class_names).
+    `checkpoints` (mirage.checkpoint): resume from the last one, save new ones."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     unet = build_unet(cfg, images.shape[1], len(class_names))
@@ -52,7 +54,9 @@ def train(
     targets = torch.from_numpy(labels).long()
     null = len(class_names)
     unet.train()
-    for step in range(cfg.steps):
+    parts = {"unet": unet, "ema": ema, "optimizer": opt, "schedule": sched}
+    first = checkpoints.resume(0, parts, rng, on_step) if checkpoints else 0
+    for step in range(first, cfg.steps):
         idx = torch.from_numpy(rng.integers(0, len(data), cfg.batch_size))
         x0, y = data[idx], targets[idx].clone()
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
@@ -72,5 +76,7 @@ def train(
                 e.lerp_(p, 1 - decay)
         if on_step:
             on_step(step, loss.item())
+        if checkpoints:
+            checkpoints.step_done(0, step + 1, cfg.steps, parts, rng, on_step)
     sampler = DDIMScheduler.from_config(noise_sched.config)
     return ToyPipeline(unet=ema.eval(), scheduler=sampler, class_names=class_names)

@@ -231,3 +231,26 @@ def test_training_killed_resumes_from_its_checkpoint_byte_identical(done, tmp_pa
     assert "round 1: resumed from its checkpoint at step 30 of 30" in final.stderr  # nothing trained again
     assert files(root / "models" / "detector") == reference
     assert temps(root / "models") == [] and not list((root / ".mirage" / "checkpoints").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("stage, model", [("train_generator", "generator"), ("train_encoder", "encoder")])
+def test_toy_model_training_killed_resumes_from_its_checkpoint(done, tmp_path, stage, model):
+    """The frozen toy models' trainings (tiny: 2 steps, a checkpoint after each)
+    killed at their second step resume at step 1 and save the bytes an
+    uninterrupted training saves."""
+    from mirage.params import write_overrides
+
+    root = tmp_path / "project"
+    shutil.copytree(done, root, symlinks=True)
+    write_overrides(root / "params.yaml", {"runner.checkpoint_every": 1})
+    shutil.rmtree(root / "models" / model)
+    assert run_stage(root, stage).returncode == 0
+    reference = files(root / "models" / model)
+    shutil.rmtree(root / "models" / model)
+    killed = run_stage(root, stage, "train-step@2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_stage(root, stage)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from its checkpoint at step 1 of 2" in resumed.stderr
+    assert files(root / "models" / model) == reference
+    assert temps(root / "models") == [] and not list((root / ".mirage" / "checkpoints").rglob("*.pt"))
