@@ -21,8 +21,7 @@ from pathlib import Path
 from mirage import params as params_mod
 
 
-class PipelineError(RuntimeError):
-    """The pipeline cannot start: what is missing and how to get it."""
+from mirage.locks import PipelineError, WorkspaceBusy, run_lock  # noqa: F401 - part of this module's API
 
 
 @dataclass
@@ -218,10 +217,6 @@ class StageFailed(RuntimeError):
         self.stage, self.cause = stage, f"{type(err).__name__}: {err}"
 
 
-class WorkspaceBusy(PipelineError):
-    """Another pipeline run (or `dvc repro`) holds the workspace."""
-
-
 def busy(root) -> WorkspaceBusy:
     return WorkspaceBusy(f"another pipeline run or `dvc repro` is using {root} (DVC's lock .dvc/tmp/lock "
                          f"is held): this run did nothing, params.yaml is as it was; try again when it ends")
@@ -242,48 +237,6 @@ def workspace_lock(repo):
         yield
     finally:
         cm.__exit__(None, None, None)
-
-
-_RUN_LOCKS: dict[Path, int] = {}  # project root -> how deep this process holds its run lock
-
-
-@contextlib.contextmanager
-def run_lock(root: Path):
-    """One mirage run per workspace, taken before params.yaml is touched:
-    `.mirage/run.lock`, flock'ed (the kernel drops it when the process dies,
-    even by SIGKILL: no stale lock).  Re-entrant within this process (a
-    `mirage run` and the pipeline flow it starts).  A second run exits at
-    once, naming the first."""
-    import fcntl
-    import os
-
-    root = Path(root).resolve()
-    if root in _RUN_LOCKS:
-        _RUN_LOCKS[root] += 1
-        try:
-            yield
-        finally:
-            _RUN_LOCKS[root] -= 1
-        return
-    path = root / ".mirage" / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip()
-        os.close(fd)
-        raise WorkspaceBusy(f"another mirage run or a stage of `dvc repro` ({holder or 'pid unknown'}) is using "
-                            f"{root}: this run did nothing, params.yaml is as it was; try again when it ends") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    _RUN_LOCKS[root] = 1
-    try:
-        yield
-    finally:
-        del _RUN_LOCKS[root]
-        os.ftruncate(fd, 0)  # the file names its holder only while held
-        os.close(fd)  # releases the lock
 
 
 def check_dvc_free(root: Path) -> None:

@@ -42,7 +42,7 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
         if not target.is_relative_to(root):
             raise params_mod.ParamsError(f"--{name} {getattr(args, name)!r} of stage {stage} is outside the "
                                          f"project {root}: stage paths stay inside it")
-    from mirage.pipeline import _RUN_LOCKS, run_lock
+    from mirage.locks import _RUN_LOCKS, run_lock
 
     if Path(root).resolve() not in _RUN_LOCKS:  # a process of its own (`dvc repro`, which unlocks DVC's
         _TAGS.enter_context(run_lock(root))  # repo while a stage command runs): no `mirage run` beside it
@@ -65,7 +65,7 @@ def command(main) -> None:
     what it did (items, computed, reused, metrics) as one JSON line on
     stdout.  A bad parameter exits 2 with the key named; a failure exits
     non-zero with its traceback (what `dvc repro` shows)."""
-    from mirage.pipeline import PipelineError
+    from mirage.locks import PipelineError
 
     try:
         result = main(sys.argv[1:])

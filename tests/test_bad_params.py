@@ -60,9 +60,10 @@ CASES = [  # (-S override, what the message must name)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file of the project (outputs, models, dvc.lock, params.yaml) -> (size, mtime)."""
+    """Every file of the project (outputs, models, dvc.lock, params.yaml) -> (size, mtime); .mirage/ (the run
+    lock, the pool) is runtime state."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file() and ".dvc" not in p.parts and "__pycache__" not in p.parts}
+            for p in root.rglob("*") if p.is_file() and not {".dvc", ".mirage", "__pycache__"} & set(p.parts)}
 
 
 @pytest.fixture(scope="module")
