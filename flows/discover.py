@@ -55,7 +55,7 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
             errors[r["key"]] = (r["id"], "no object found (every cut empty or the whole image)")
     prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
     if found and encoder.has_text:
-        images = np.stack([decoded[rows[f[0]]["key"]] for f in found])
+        images = [decoded[rows[f[0]]["key"]] for f in found]  # own sizes: crops are resized
         index, label_scores = zero_shot(encoder, images, [f[1] for f in found], prompts)
         labels = [cfg.classes[int(i)] for i in index]
     else:  # an image-only encoder (a timm ViT) names nothing: label "" with score 0
@@ -123,18 +123,22 @@ BATCH = 32  # images per discover batch: 10 for the 300 toy images, an even spli
 
 @flow(name="discover")
 def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str,
-                  runner: Runner = Runner(), errors: Errors = Errors()) -> dict[str, float]:
-    """Objects in every generated image; named by zero-shot with the configured
-    encoder (`features.encoder`, on `features.device` in `features.dtype`)."""
+                  runner: Runner = Runner(), errors: Errors = Errors(), imported: str | None = None) -> dict[str, float]:
+    """Objects in every image of `discover.sources` (generated: `images`,
+    imported: `imported`); named by zero-shot with the configured encoder
+    (`features.encoder`, on `features.device` in `features.dtype`)."""
     log = get_run_logger()
+    tables = {"generated": images, "imported": imported}
+    columns = ["id", "image", "class_name", "width", "height"]
+    imgs = {r["id"]: r for name in cfg.sources if tables.get(name)
+            for r in read_table(tables[name], columns=columns).to_pylist()}
     meta = table_metadata(features)
     grid = tuple(int(v) for v in meta["grid"].split(","))
     table = read_table(features, columns=["key", "id", "patches"])
     # patches straight to one float16 array: as Python lists they cost more than the cut
     patches = table.column("patches").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     feats = [{"key": k, "id": i, "patches": p} for k, i, p in
-             zip(table.column("key").to_pylist(), table.column("id").to_pylist(), patches)]
-    imgs = {r["id"]: r for r in read_table(images, columns=["id", "image", "class_name", "width", "height"]).to_pylist()}
+             zip(table.column("key").to_pylist(), table.column("id").to_pylist(), patches) if i in imgs]
     with open_runner(runner, "discover") as run:
         job = DiscoverJob(cfg, fcfg, grid)
         facts = run.describe(job)
@@ -155,7 +159,7 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
     write_coco(rows, [imgs[f["id"]] for f in feats], cfg.classes, Path(coco))
     if not facts["has_text"]:
         log.warning("discover: %s has no text tower, objects are not named", fcfg.encoder)
-    top = [r["objects"][0]["label"] == r["prompt_class"] for r in rows if r["objects"]]
+    top = [r["objects"][0]["label"] == r["prompt_class"] for r in rows if r["objects"] and r["prompt_class"]]
     agree = float(np.mean(top)) if top else 0.0
     n_objects = sum(len(r["objects"]) for r in rows)
     log.info("discover: %d objects in %d images (%d computed, %d reused of which %d from the pool; %s runner, "
@@ -168,9 +172,9 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("discover", ["images", "features", "out", "coco"], argv)
+    params, args = parse("discover", ["images", "imported", "features", "out", "coco"], argv)
     return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco,
-                         params.runner, params.errors)
+                         params.runner, params.errors, args.imported)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from mirage.params import Discover, Features, Params
 from mirage.runner import open_runner
 from mirage.stage import command, parse
 from mirage.store import atomic_write_bytes, atomic_write_json, read_table
-from tasks.evaluate import (detector_metrics, discovered_boxes, discovery_metrics, draw_grid, prompt_alignment,
-                            top_box)
+from tasks.evaluate import (detector_metrics, discovered_boxes, discovered_by_methods, discovery_metrics, draw_grid,
+                            prompt_alignment, top_box)
 from tasks.train_detector import load_detector, predict
 
 
@@ -49,6 +49,7 @@ class SplitDiscoveryJob:
     dcfg: Discover
     generator: str
     random_seed: int | None = None
+    methods: tuple[str, ...] = ()  # other cuts on the same features (TokenCut and MaskCut side by side)
 
     def load_key(self) -> tuple:
         f = self.fcfg
@@ -64,14 +65,22 @@ class SplitDiscoveryJob:
     def prepare(self, backbone, images: np.ndarray) -> np.ndarray:
         return images
 
-    def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]]:
-        return discovered_boxes(backbone, images, [images.shape[1:3]] * len(images), self.dcfg)
+    def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]] | list[list[dict]]:
+        sizes = [images.shape[1:3]] * len(images)
+        if not self.methods:
+            return discovered_boxes(backbone, images, sizes, self.dcfg)
+        cfgs = [self.dcfg.model_copy(update={"method": m}) for m in self.methods]
+        return discovered_by_methods(backbone, images, sizes, cfgs)
 
 
-def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128) -> list[dict[str, np.ndarray]]:
-    """Discovered boxes per test image, in order, on the runner `run`."""
-    found = dict(run.map(job, [images[start : start + batch] for start in range(0, len(images), batch)]))
-    return [f for i in range(len(found)) for f in found[i]]
+def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128):
+    """Discovered boxes per test image, in order, on the runner `run`; with
+    `job.methods`, {method: boxes per image}."""
+    batches = [images[start : start + batch] for start in range(0, len(images), batch)]
+    found = dict(run.map(job, batches)) if batches else {}
+    if not job.methods:
+        return [f for i in range(len(found)) for f in found[i]]
+    return {m: [f for i in range(len(found)) for f in found[i][k]] for k, m in enumerate(job.methods)}
 
 
 def detector_rounds(detector: str, gt: dict, score_thresh: float) -> tuple[list[dict], list[np.ndarray], list[dict]]:
@@ -115,16 +124,35 @@ def write_plots(plots: str, curves: list[np.ndarray], grid_png: bytes) -> None:
 
 @flow(name="evaluate")
 def evaluate_flow(params: Params, test: str, images: str, features: str, detector: str, metrics: str,
-                  plots: str) -> dict:
+                  plots: str, ood: str | None = None) -> dict:
+    """Metrics on the test split and, side by side, on the ood split (`ood`,
+    when it holds scenes): TokenCut's and MaskCut's discovery, and the
+    detector of every round (its pseudo-labels' teacher is discovery)."""
     cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
     gt = load_test_split(test, list(dcfg.classes))
+    splits = {"test": gt}
+    if ood and read_table(ood, columns=["key"]).num_rows:
+        splits["ood"] = load_test_split(ood, list(dcfg.classes))
     encoder = load_encoder(encoder_spec(fcfg.encoder), resolve_device(fcfg.device), fcfg.dtype)
-    with open_runner(params.runner, "evaluate") as run:  # the test split's discovery: on Dask workers with kind dask
-        learned = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model), gt["images"])
+    methods = tuple(dict.fromkeys([dcfg.method, "tokencut", "maskcut"]))  # the configured one first
+    with open_runner(params.runner, "evaluate") as run:  # the splits' discovery: on Dask workers with kind dask
+        both = {name: discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, methods=methods),
+                                     split["images"]) for name, split in splits.items()}
         random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed), gt["images"])
+    learned = both["test"][dcfg.method]
     size = gt["images"].shape[1:3]
     found = discovery_metrics(learned, gt["boxes"], size, cfg.iou)
     rounds, curves, dets = detector_rounds(detector, gt, cfg.score_thresh)
+    side_by_side = {}
+    for name, split in splits.items():
+        split_size = split["images"].shape[1:3]
+        side_by_side[name] = {
+            "images": len(split["images"]),
+            "discovery": {m: {k: v for k, v in discovery_metrics(both[name][m], split["boxes"], split_size, cfg.iou).items()
+                              if k in ("corloc", "ap50", "ap")} for m in methods},
+            "detector": [{k: r[k] for k in ("ap50", "ap")} for r in
+                         (rounds if name == "test" else detector_rounds(detector, split, cfg.score_thresh)[0])],
+        }
     alignment, n_generated = generation_alignment(encoder, images, features, dcfg)
     result = {
         "discovery": {"method": dcfg.method, "backbone": fcfg.patch_backbone, "encoder": fcfg.encoder,
@@ -133,6 +161,7 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
         "detector": {**rounds[-1], "rounds": rounds},
         "generation": {"prompt_alignment": alignment, "images": n_generated},
         "test_images": len(gt["images"]),
+        "splits": side_by_side,
     }
     atomic_write_json(Path(metrics), result)
     n = min(cfg.grid_images, len(gt["images"]))
@@ -144,8 +173,9 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("evaluate", ["test", "images", "features", "detector", "metrics", "plots"], argv)
-    return evaluate_flow(params, args.test, args.images, args.features, args.detector, args.metrics, args.plots)
+    params, args = parse("evaluate", ["test", "ood", "images", "features", "detector", "metrics", "plots"], argv)
+    return evaluate_flow(params, args.test, args.images, args.features, args.detector, args.metrics, args.plots,
+                         args.ood)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class FeaturesJob:
     generator: str  # the generate.model whose UNet a `unet:` patch backbone uses
     model_id: str = ""
     schema: pa.Schema | None = None
+    size: tuple[int, int] | None = None  # (h, w) every image is brought to: the first image's
 
     @property
     def batch_param(self) -> tuple[str, int]:
@@ -113,7 +114,7 @@ class FeaturesJob:
                  "computed_on": (m.encoder.device.type, compute_dtype(self.cfg.dtype, m.encoder.device)),
                  # the UNet's identity, when it makes the patches
                  "patch_id": model_fingerprint(self.generator) if mode == "unet" else "", "grid": None}
-        if mode and probe:
+        if probe:
             image, _ = decode_batch([probe[0]], [probe[1]], None)
             feats, (gh, gw) = (m.unet if mode == "unet" else EncoderPatches(m.encoder, mode)).patches(image)
             facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
@@ -121,7 +122,7 @@ class FeaturesJob:
 
     def prepare(self, m: Loaded, batch: tuple[list[dict], list[bytes]]):
         specs, pngs = batch
-        decoded, bad = decode_batch([s["id"] for s in specs], pngs, m.decoders)
+        decoded, bad = decode_batch([s["id"] for s in specs], pngs, m.decoders, self.size)
         errors = {specs[i]["key"]: (specs[i]["id"], why) for i, why in bad.items()}
         specs = [s for i, s in enumerate(specs) if i not in bad]
         if decoded is None:
@@ -135,26 +136,43 @@ class FeaturesJob:
         return encode(m.encoder, patch_mode(self.cfg), m.unet, self.model_id, self.schema, prepared)
 
 
-def first_decodable(images: str) -> tuple[str, bytes] | None:
-    """(id, PNG) of the table's first image that decodes: the patch grid is measured on it."""
-    for row in iter_rows(images, ["id", "image"], batch_rows=16):
-        if not decode_batch([row["id"]], [row["image"]], None)[1]:
-            return row["id"], row["image"]
+def first_decodable(tables: list[str]) -> tuple[str, bytes] | None:
+    """(id, PNG) of the first image that decodes: the patch grid is measured
+    on it, and images of another size are resized to its size."""
+    for images in tables:
+        for row in iter_rows(images, ["id", "image"], batch_rows=16):
+            if not decode_batch([row["id"]], [row["image"]], None)[1]:
+                return row["id"], row["image"]
     return None
+
+
+class TablesReader:
+    """Images of several tables by (table, key), each table read in its own order."""
+
+    def __init__(self, tables: list[str]):
+        self.readers = [OrderedReader(t, ["image"]) for t in tables]
+
+    def take(self, specs: list[dict]) -> list[bytes]:
+        rows = {}
+        for t, reader in enumerate(self.readers):
+            keys = [s["src"] for s in specs if s["table"] == t]
+            rows |= {(t, r["key"]): r["image"] for r in reader.take(keys)}
+        return [rows[(s["table"], s["src"])] for s in specs]
 
 
 @flow(name="features")
 def features_flow(cfg: Features, images: str, generator: str, out: str, runner: Runner = Runner(),
-                  errors: Errors = Errors()) -> dict[str, int]:
-    """`generator`: the configured generate.model, whose UNet a `unet:` patch backbone uses."""
+                  errors: Errors = Errors(), imported: str | None = None) -> dict[str, int]:
+    """`generator`: the configured generate.model, whose UNet a `unet:` patch
+    backbone uses; `imported`: a second images table (stage import)."""
     log = get_run_logger()
     mode = patch_mode(cfg)
-    source = [(r["key"], r["id"]) for r in iter_rows(images, ["key", "id"])]
+    tables = [images] + ([imported] if imported else [])
+    source = [(t, r["key"], r["id"]) for t, table in enumerate(tables) for r in iter_rows(table, ["key", "id"])]
     with open_runner(runner, "features") as run:
-        probe = None
-        if mode and source:
-            probe = first_decodable(images)
-        facts = run.describe(FeaturesJob(cfg, generator), probe)
+        probe = first_decodable(tables) if source else None
+        size = tuple(decode_batch([probe[0]], [probe[1]], None)[0].shape[1:3]) if probe else None
+        facts = run.describe(FeaturesJob(cfg, generator), probe if mode else None)
         model_id, patch_id, computed_on = facts["model"], facts["patch_id"], tuple(facts["computed_on"])
         meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
         patch_len = None
@@ -164,17 +182,18 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
             meta |= {"grid": f"{gh},{gw},{c}", "patches": cfg.patch_backbone, "patches_model": patch_id or model_id}
         store = ShardStore(out, schema.features(facts["embed_dim"], patch_len), meta, cfg.shard_rows,
                            pool=pool_dir("features"), row_bytes=2 * (facts["embed_dim"] + (patch_len or 0)) + 64)
-        job = FeaturesJob(cfg, generator, model_id, store.schema)
+        job = FeaturesJob(cfg, generator, model_id, store.schema, size)
         wanted = []
-        for src, image_id in source:
+        for t, src, image_id in source:
             # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
+            # and the size images are brought to (the first image's: an imported one of another size is resized)
             key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
-                           cfg.batch_size, computed_on)
-            wanted.append((key, {"key": key, "src": src, "id": image_id}))
-        reader = OrderedReader(images, ["image"])
+                           cfg.batch_size, computed_on, size)
+            wanted.append((key, {"key": key, "src": src, "id": image_id, "table": t}))
+        reader = TablesReader(tables)
 
         def fetch(specs: list[dict]) -> tuple[list[dict], list[bytes]]:
-            return specs, [r["image"] for r in reader.take([s["src"] for s in specs])]
+            return specs, reader.take(specs)
 
         decoders = cfg.workers if cfg.workers != "auto" else (2 if computed_on[0] == "cuda" else 0)
         prefetch = 2 if decoders else 0  # the local runner prepares ahead only when it decodes in threads
@@ -194,8 +213,9 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("features", ["images", "out"], argv)
-    return features_flow(params.features, args.images, params.generate.model, args.out, params.runner, params.errors)
+    params, args = parse("features", ["images", "imported", "out"], argv)
+    return features_flow(params.features, args.images, params.generate.model, args.out, params.runner, params.errors,
+                         args.imported)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage toyworld: render the train and test splits as Parquet."""
+"""Stage toyworld: render the train, test (and ood) splits as Parquet."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +18,9 @@ VERSION = 1  # bump when rendering changes: it is part of every scene's key
 
 def scene_key(cfg: Toyworld, split: Split, index: int) -> str:
     # `n` is left out on purpose: growing a split keeps the scenes it had.
+    other = {k: v for k, v in split.spec().items() if k in ("shapes", "textures")}  # only where set: old keys hold
     return item_key("toyworld", VERSION, cfg.image_size, cfg.classes, cfg.colors, cfg.object_size,
-                    split.seed, split.min_objects, split.max_objects, index)
+                    split.seed, split.min_objects, split.max_objects, index, *([other] if other else []))
 
 
 def render_batch(cfg: Toyworld, split: Split, specs: list[tuple[str, int]]) -> pa.Table:
@@ -43,10 +44,11 @@ def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, dict[str, int]]:
     log = get_run_logger()
     check_names(cfg)
     counts = {}
-    for name, split in (("train", cfg.train), ("test", cfg.test)):
+    for name in ("train", "test", "ood"):
+        split = getattr(cfg, name)  # no ood split: an empty table (evaluate then reports no ood metrics)
         store = ShardStore(Path(out) / name, schema.SCENES, {"stage": "toyworld", "split": name, "params": cfg.split_digest(name)}, cfg.shard_rows)
-        wanted = [(k, (k, i)) for i in range(split.n) for k in [scene_key(cfg, split, i)]]
-        with progress(split.n, f"toyworld {name}") as bar:
+        wanted = [(k, (k, i)) for i in range(split.n) for k in [scene_key(cfg, split, i)]] if split else []
+        with progress(len(wanted), f"toyworld {name}") as bar:
             stats = store.update(wanted, lambda specs: render_batch(cfg, split, specs), batch_size=256, progress=bar.update)
         log.info("toyworld %s: %d scenes (%d rendered, %d reused)", name, stats.wanted, stats.computed, stats.reused)
         counts[name] = {"items": stats.wanted, "computed": stats.computed}

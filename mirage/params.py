@@ -32,11 +32,22 @@ class Section(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+TEXTURES = ("gradient", "noise", "stripes", "checker", "dots")
+
+
 class Split(Section):
     n: int = Field(gt=0)
     seed: int
     min_objects: int = Field(ge=1)
     max_objects: int = Field(ge=1)
+    # another world than toyworld's for this split (the ood split): null keeps toyworld's
+    shapes: tuple[str, ...] | None = Field(default=None, min_length=1)  # null: toyworld.classes
+    textures: tuple[Literal[TEXTURES], ...] | None = Field(default=None, min_length=1)  # null: gradient, noise
+
+    def spec(self) -> dict:
+        """What the split's scenes depend on (fields left at null are left out,
+        so a split without them keeps the digest and keys it always had)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Split":
@@ -52,6 +63,7 @@ class Toyworld(Section):
     object_size: tuple[int, int]  # (smallest, largest) px
     train: Split
     test: Split
+    ood: Split | None = None  # out-of-distribution evaluation split: shapes, textures, counts train never had
     shard_rows: int = Field(default=1024, gt=0)
 
     @field_validator("object_size")
@@ -68,8 +80,9 @@ class Toyworld(Section):
         """What one split's scenes depend on: the world's look and that split
         alone (changing the test split leaves the train split's bytes, and the
         models trained on them, alone)."""
-        world = self.model_dump(mode="json", exclude={"train", "test"} | set(self.LAYOUT))
-        blob = json.dumps({**world, name: getattr(self, name).model_dump(mode="json")}, sort_keys=True)
+        world = self.model_dump(mode="json", exclude={"train", "test", "ood"} | set(self.LAYOUT))
+        split = getattr(self, name)
+        blob = json.dumps({**world, name: split.spec() if split else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -161,8 +174,12 @@ class Features(Section):
 
 
 class Discover(Section):
+    # which images are discovered in picks items, never changes one: not part of item keys
+    LAYOUT = frozenset({"shard_rows", "sources"})
+
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
+    sources: tuple[Source, ...] = Field(default=("generated", "imported"), min_length=1)  # images to discover in
     method: Literal["tokencut", "maskcut"] = "tokencut"
     tau: float = Field(ge=-1, le=1)
     eps: float = Field(gt=0)
@@ -183,6 +200,30 @@ class TrainDetector(Section):
     masks: bool = False  # Mask R-CNN: also learn the discovered masks (evaluate adds mask AP)
     self_train_scores: tuple[Annotated[float, Field(ge=0, le=1)], ...] = ()
     self_train_steps: int = Field(default=100, gt=0)
+    # each source's share of a batch (among those with discovered objects); 0 leaves it out
+    mix: dict[Source, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"generated": 1.0, "imported": 1.0})
+    scale_jitter: tuple[float, float] | None = None  # e.g. [0.75, 1.25]: each batch at a random scale of min_size
+
+
+class Sources(Section):
+    """Images of your own (stage import): folders (searched recursively), globs,
+    or COCO JSON files (their `images` list, file names relative to the JSON's
+    folder); paths relative to the project root."""
+
+    images: tuple[str, ...] = ()
+    max_size: int = Field(default=512, ge=16)  # px, the longest side: bigger images are resized (recorded)
+    shard_rows: int = Field(default=1024, gt=0)
+
+    @field_validator("images")
+    @classmethod
+    def _entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, entry in enumerate(value):
+            if not str(entry).strip():
+                raise ValueError(f"entry {i} is empty")
+        return value
+
+
+Source = Literal["generated", "imported"]
 
 
 class Evaluate(Section):
@@ -273,6 +314,7 @@ class Params(Section):
     RUNTIME = frozenset({"alerts", "runner", "errors"})
 
     toyworld: Toyworld
+    sources: Sources = Sources()
     train_generator: TrainGenerator
     train_encoder: TrainEncoder
     generate: Generate

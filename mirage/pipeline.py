@@ -79,9 +79,33 @@ def stale(root: Path) -> dict[str, list[str]]:
 
 
 def stale_in(repo) -> dict[str, list[str]]:
-    """`stale()` on an open repo (one `dvc status` call)."""
+    """`stale()` on an open repo (one `dvc status` call), with the import
+    stage when its files changed."""
     frozen = {s.name for s in repo.index.stages if s.frozen}
-    return {name: why for name, why in describe(repo.status()).items() if name not in frozen}
+    why = {name: why for name, why in describe(repo.status()).items() if name not in frozen}
+    for name, lines in source_changes(repo).items():
+        why[name] = why.get(name, []) + lines
+    return why
+
+
+IMPORT = "import"  # the stage whose inputs are files outside DVC's view (sources.images)
+
+
+def source_changes(repo, stage=None) -> dict[str, list[str]]:
+    """{import: [why]} when the files of sources.images were added, changed or
+    removed since the stage ran: DVC sees its params, not the files (a folder
+    or glob outside the repo), so mirage compares a scan of names, sizes and
+    times with the one the stage recorded."""
+    from tasks.sources import sources_changed
+
+    stage = stage or next((s for s in repo.index.stages if s.name == IMPORT), None)
+    if stage is None or stage.name != IMPORT or not stage.outs:
+        return {}
+    root = Path(repo.root_dir)
+    entries = params_mod.load(root / "params.yaml").sources.images
+    if sources_changed(root, entries, stage.outs[0].fs_path):
+        return {IMPORT: ["files of sources.images added, changed or removed since it ran"]}
+    return {}
 
 
 def _flatten(value, prefix: str) -> dict[str, object]:
@@ -158,8 +182,9 @@ def explain(root: Path) -> Status:
         why = {}
         for name, stage in stages.items():
             changes = [] if stage.frozen else stage.status().get(stage.addressing, [])
-            if changes:
-                why[name] = in_words(changes, stage, current)
+            lines = (in_words(changes, stage, current) if changes else []) + source_changes(repo, stage).get(name, [])
+            if lines:
+                why[name] = lines
         frozen = {}
         for name, stage in stages.items():
             if stage.frozen and not any(out.hash_info for out in stage.outs):
@@ -321,7 +346,7 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
                 done.add(stage.name)
                 return
             why = [line for changes in repo.status(targets=[stage.addressing]).values()
-                   for line in in_words(changes, stage, current)]
+                   for line in in_words(changes, stage, current)] + source_changes(repo, stage).get(stage.name, [])
             if not why and not force and stage.name not in train:
                 results[stage.name] = StageResult(stage.name, ran=False)
                 done.add(stage.name)
@@ -464,5 +489,9 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment'] or float('nan'):.3f}",
         ]
+        for name, split in m.get("splits", {}).items():
+            cuts = ", ".join(f"{k} {v['corloc']:.3f} / {v['ap50']:.3f}" for k, v in split["discovery"].items())
+            lines += [f"  {name} split ({split['images']} images): discovery CorLoc / AP50  {cuts}",
+                      f"  {'':<{len(name) + 7}}detector AP50 by round  " + " -> ".join(f"{r['ap50']:.3f}" for r in split["detector"])]
     lines.append("outputs: data/ (tables), models/ (weights), metrics/, plots/ — `dvc metrics show`, `dvc plots show`")
     return "\n".join(lines)

@@ -49,6 +49,17 @@ IMAGES = pa.schema(
     ]
 )
 
+# Your own images (stage import): the generated images' columns, then where each came from.
+IMPORTED = pa.schema(
+    list(IMAGES)
+    + [
+        ("provenance", pa.string()),       # "imported"
+        ("source", pa.string()),           # the original file, relative to the project root when inside it
+        ("original_width", pa.int32()),    # before resizing to sources.max_size (after EXIF orientation)
+        ("original_height", pa.int32()),
+    ]
+)
+
 
 def features(dim: int, patch_len: int | None) -> pa.Schema:
     """Features of one encoder: `embedding` has `dim` values; `patches`, when

@@ -245,11 +245,13 @@ class ShardStore:
     """A directory of Parquet shards plus `manifest.json`."""
 
     def __init__(self, root: str | Path, schema: pa.Schema, metadata: dict[str, str], shard_rows: int,
-                 pool: str | Path | None = None, row_bytes: int | None = None):
+                 pool: str | Path | None = None, row_bytes: int | None = None, sidecars: tuple[str, ...] = ()):
         """`row_bytes`: an estimate of a row's size, which sizes the row groups
         (about SHARD_GROUP_BYTES, what a reader or the finaliser holds at once);
-        without it, groups of 4096 rows."""
+        without it, groups of 4096 rows.  `sidecars`: files the stage keeps
+        beside the shards (every other file there is removed on update)."""
         self.root = Path(root)
+        self.sidecars = set(sidecars)
         self.group_rows = rows_per_group(row_bytes, SHARD_GROUP_BYTES) if row_bytes else 4096
         self.pool = Path(pool) if pool else None
         self.metadata = {k: str(v) for k, v in sorted(metadata.items())}
@@ -459,7 +461,7 @@ class ShardStore:
             write_parquet(self.root / ERRORS, pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
         faults.point("shards-written")
         atomic_write_json(self.root / MANIFEST, {"shards": shards}, fault="manifest-replace")
-        keep = {s["file"] for s in shards} | {MANIFEST} | ({ERRORS} if failed else set())
+        keep = {s["file"] for s in shards} | {MANIFEST} | ({ERRORS} if failed else set()) | self.sidecars
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

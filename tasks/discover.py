@@ -149,12 +149,12 @@ def cut_to_object(cut: Cut, height: int, width: int) -> tuple[np.ndarray, list[f
 
 def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Class index and probability for the crop of each box (x, y, w, h px).
-    images: uint8 N x H x W x 3."""
+    images: uint8 H x W x 3 each (any sizes)."""
     crops = []
     for img, (x, y, w, h) in zip(images, boxes):
         x0, y0 = int(x), int(y)
         x1, y1 = max(int(x + w), x0 + 1), max(int(y + h), y0 + 1)
-        crop = torch.from_numpy(np.ascontiguousarray(img[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
+        crop = torch.from_numpy(np.array(img[y0:y1, x0:x1])).permute(2, 0, 1)[None].float()
         size = (encoder.image_size, encoder.image_size)
         crops.append(torch.nn.functional.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0])
     batch = torch.stack(crops).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

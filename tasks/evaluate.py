@@ -121,14 +121,21 @@ def discovered_boxes(backbone, images: np.ndarray, sizes: list[tuple[int, int]],
     backbone's input size, `sizes` each image's own (height, width), `cfg` a
     Discover section.  Per image, boxes (x, y, w, h) in its own pixels, best
     cut first, with their scores (1 - the cut's eigenvalue)."""
+    return discovered_by_methods(backbone, images, sizes, [cfg])[0]
+
+
+def discovered_by_methods(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfgs: list) -> list[list[dict]]:
+    """`discovered_boxes` for several Discover sections (TokenCut and MaskCut)
+    on one computation of the patch features: one list of images per section."""
     from tasks.discover import cut_to_object, discover_objects
 
     patches, grid = backbone.patches(images)
-    out = []
+    out: list[list[dict]] = [[] for _ in cfgs]
     for feats, (h, w) in zip(patches, sizes):
-        cuts = discover_objects(feats, grid, cfg)
-        out.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts], dtype=np.float64).reshape(-1, 4),
-                    "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+        for found, cfg in zip(out, cfgs):
+            cuts = discover_objects(feats, grid, cfg)
+            found.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts], dtype=np.float64).reshape(-1, 4),
+                          "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
     return out
 
 

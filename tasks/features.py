@@ -10,15 +10,18 @@ from mirage.images import decode_png
 from mirage.models import ImageEncoder
 
 
-def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None) -> tuple[np.ndarray | None, dict[int, str]]:
+def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None,
+                 size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, dict[int, str]]:
     """uint8 N x H x W x 3 of the images that decode, and index -> reason for
     those that do not (corrupt or empty bytes, another size than the rest):
-    named, not skipped silently."""
+    named, not skipped silently.  With `size` (h, w), images of another size
+    are resized to it (imported images beside generated ones)."""
     def one(data: bytes):
         try:
-            return decode_png(data)
+            image = decode_png(data)
         except Exception as err:  # noqa: BLE001 - PIL raises several types
             return f"cannot be decoded: {type(err).__name__}: {err}" if data else "empty image (0 bytes)"
+        return image if size is None or image.shape[:2] == tuple(size) else resize(image, size)
 
     images = list(pool.map(one, pngs)) if pool else [one(p) for p in pngs]
     bad = {i: im for i, im in enumerate(images) if isinstance(im, str)}
@@ -31,6 +34,14 @@ def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | N
                 bad[i] = f"size {im.shape[1]}x{im.shape[0]}, not the batch's {common[1]}x{common[0]}"
     kept = [im for i, im in enumerate(images) if i not in bad]
     return (np.stack(kept) if kept else None), bad
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 H x W x 3 -> size (h, w), bicubic (the aspect ratio follows the
+    size: discovery maps its cuts back to the image's own pixels)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
 
 
 def non_finite(*arrays: np.ndarray | None) -> list[int]:

@@ -22,7 +22,7 @@ COLORS = {
     "cyan": (40, 210, 220),
 }
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,13 @@ class Scene:
 
 def check_names(cfg: Toyworld) -> None:
     """Fail early, naming the parameter, on a class or colour we cannot draw."""
-    for name in cfg.classes:
-        if name not in SHAPES:
-            raise ValueError(f"toyworld.classes: unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    shapes = {"toyworld.classes": cfg.classes}
+    if cfg.ood is not None and cfg.ood.shapes:
+        shapes["toyworld.ood.shapes"] = cfg.ood.shapes
+    for key, names in shapes.items():
+        for name in names:
+            if name not in SHAPES:
+                raise ValueError(f"{key}: unknown shape {name!r} (known: {', '.join(SHAPES)})")
     for name in cfg.colors:
         if name not in COLORS:
             raise ValueError(f"toyworld.colors: unknown colour {name!r} (known: {', '.join(COLORS)})")
@@ -62,31 +66,51 @@ def shape_mask(kind: str, size: int, cx: float, cy: float, image_size: int) -> n
         return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
     if kind == "diamond":
         return np.abs(dx) + np.abs(dy) <= r
+    if kind == "ring":  # a hollow circle: the background shows through its middle
+        return (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (r * 0.55) ** 2)
     if kind == "cross":
         arm = r / 2.5
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A muted gradient or a smooth noise texture, float H x W x 3 in [0, 255]."""
+def background(rng: np.random.Generator, size: int, textures: tuple[str, ...] | None = None) -> np.ndarray:
+    """A muted texture, float H x W x 3 in [0, 255]: by default a gradient or a
+    smooth noise (the train and test splits); `textures` picks among those and
+    the high-frequency ones no model was trained on: stripes, checker, dots."""
     base = rng.uniform(40, 150, size=(2, 3))
-    if rng.random() < 0.5:
+    if textures is None:
+        kind = "gradient" if rng.random() < 0.5 else "noise"
+    else:
+        kind = str(rng.choice(textures))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    if kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        gy, gx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+        t = (np.cos(angle) * gx + np.sin(angle) * gy)
         t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
-        return base[0] + (base[1] - base[0]) * t[..., None]
-    coarse = rng.uniform(0, 1, size=(size // 4 + 1, size // 4 + 1, 1))
-    noise = np.kron(coarse, np.ones((4, 4, 1)))[:size, :size]
-    return base[0] + (base[1] - base[0]) * noise
+    elif kind == "noise":
+        coarse = rng.uniform(0, 1, size=(size // 4 + 1, size // 4 + 1))
+        t = np.kron(coarse, np.ones((4, 4)))[:size, :size]
+    else:
+        period = rng.uniform(3, 7)
+        if kind == "stripes":
+            angle = rng.uniform(0, np.pi)
+            t = np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period) > 0
+        elif kind == "checker":
+            t = (np.floor(xx / period) + np.floor(yy / period)) % 2 == 1
+        else:  # dots
+            t = ((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 <= (period / 3.5) ** 2
+    return base[0] + (base[1] - base[0]) * np.asarray(t, dtype=np.float64)[..., None]
 
 
 def render_scene(cfg: Toyworld, split: Split, index: int) -> Scene:
-    """Scene `index` of a split: 1..max_objects non-overlapping shapes."""
+    """Scene `index` of a split: min_objects..max_objects non-overlapping
+    shapes (of the split's own shapes and textures where it has them)."""
     rng = np.random.default_rng([split.seed, index])
     size = cfg.image_size
-    image = background(rng, size)
+    image = background(rng, size, split.textures)
+    shapes = split.shapes or cfg.classes
     n = int(rng.integers(split.min_objects, split.max_objects + 1))
     objects: list[ToyObject] = []
     taken = np.zeros((size, size), dtype=bool)
@@ -95,7 +119,7 @@ def render_scene(cfg: Toyworld, split: Split, index: int) -> Scene:
         for _attempt in range(50):
             s = int(rng.integers(lo, hi + 1))
             cx, cy = rng.uniform(s / 2 + 1, size - s / 2 - 1, size=2)
-            kind = str(rng.choice(cfg.classes))
+            kind = str(rng.choice(shapes))
             mask = shape_mask(kind, s, cx, cy, size)
             # keep a one-pixel gap so objects never touch: boxes stay unambiguous
             grown = mask | np.roll(mask, 1, 0) | np.roll(mask, -1, 0) | np.roll(mask, 1, 1) | np.roll(mask, -1, 1)

@@ -106,13 +106,13 @@ def to_targets(labelled: list[dict], size: tuple[int, int] | None = None) -> lis
         b[:, 2:] += b[:, :2]
         target = {"boxes": b, "labels": torch.tensor(item["labels"], dtype=torch.int64).reshape(-1)}
         if size is not None:
-            target["masks"] = torch.from_numpy(np.stack([_mask(m, size) for m in item["masks"]]).astype(np.uint8)
+            target["masks"] = torch.from_numpy(np.stack([as_mask(m, size) for m in item["masks"]]).astype(np.uint8)
                                                if item["masks"] else np.zeros((0, *size), dtype=np.uint8))
         out.append(target)
     return out
 
 
-def _mask(m, size: tuple[int, int]) -> np.ndarray:
+def as_mask(m, size: tuple[int, int]) -> np.ndarray:
     from mirage.images import decode_mask
 
     return decode_mask(m, *size) if isinstance(m, str) else np.asarray(m, dtype=bool)
@@ -129,6 +129,7 @@ def train(
     paste_pool: list[tuple[int, np.ndarray, int]] | None = None,
     checkpoints=None,
     round_: int = 0,
+    probs: np.ndarray | None = None,
 ) -> tuple[FasterRCNN, DetectorConfig]:
     """images: uint8 N x H x W x 3; labelled: per image {"boxes": list of
     (x, y, w, h) px, "labels": class ids 1..num_classes}.  num_classes 1 is
@@ -136,7 +137,10 @@ def train(
     With cfg.copy_paste > 0, each image of a batch receives, with that
     probability, one object of `paste_pool` ((image index, bool mask, label):
     the discovered masks) at a random place.  `checkpoints` (mirage.checkpoint):
-    resume round `round_` from its last checkpoint, and save new ones."""
+    resume round `round_` from its last checkpoint, and save new ones.
+    `probs`: each image's chance to be drawn (None: uniform).  With
+    cfg.scale_jitter (lo, hi), each batch is seen at a random size in
+    [lo, hi] x min_size (torchvision's multi-scale training)."""
     steps = steps or cfg.steps
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -145,6 +149,10 @@ def train(
     model = build_detector(dcfg)
     if start is not None:
         model.load_state_dict(start.state_dict())
+    if cfg.scale_jitter:
+        lo, hi = (round(cfg.min_size * f) for f in cfg.scale_jitter)
+        model.transform.min_size = tuple(range(lo, hi + 1, 8))
+        model.transform.max_size = max(model.transform.min_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
@@ -155,7 +163,7 @@ def train(
     parts = {"model": model, "optimizer": opt, "schedule": sched}
     first = checkpoints.resume(round_, parts, rng, on_step) if checkpoints else 0
     for step in range(first, steps):
-        idx = rng.integers(0, len(images), cfg.batch_size)
+        idx = rng.integers(0, len(images), cfg.batch_size) if probs is None else rng.choice(len(images), cfg.batch_size, p=probs)
         targets = to_targets([labelled[i] for i in idx], images.shape[1:3] if cfg.masks else None)
         batch = data[idx]  # a copy: pasting below leaves `data` alone
         if cfg.copy_paste and paste_pool:
@@ -178,6 +186,7 @@ def train(
             on_step(step, loss.item())
         if checkpoints:
             checkpoints.step_done(round_, step + 1, steps, parts, rng, on_step)
+    model.transform.min_size, model.transform.max_size = (dcfg.min_size,), dcfg.min_size  # inference at min_size
     return model.eval(), dcfg
 
 

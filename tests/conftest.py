@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small values for every stage: the whole loop in about a minute on 2 cores,
 # with the committed toy models (frozen stages), so its quality is measurable.
 TINY = {
-    "toyworld": {"train": {"n": 48}, "test": {"n": 40}},
+    "toyworld": {"train": {"n": 48}, "test": {"n": 40}, "ood": {"n": 24}},
     "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},  # `mirage train` tests
     "train_encoder": {"steps": 2, "batch_size": 8},
     "generate": {"per_prompt": 8, "steps": 10, "batch_size": 8},
@@ -72,7 +72,7 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 FROZEN = ["train_generator", "train_encoder"]
-UNFROZEN = ["toyworld", "generate", "features", "discover", "train_detector", "evaluate"]
+UNFROZEN = ["toyworld", "import", "generate", "features", "discover", "train_detector", "evaluate"]
 
 
 @dataclass

@@ -39,3 +39,38 @@ def test_unknown_shape_is_named():
     bad = CFG.model_copy(update={"classes": ("circle", "hexagon")})
     with pytest.raises(ValueError, match="toyworld.classes: unknown shape 'hexagon'"):
         check_names(bad)
+
+
+def test_ood_split_is_deterministic_and_disjoint_in_shape_family_from_train():
+    ood = CFG.ood
+    assert ood is not None and not set(ood.shapes) & set(CFG.classes)  # shape families train never had
+    assert not set(ood.textures) & {"gradient", "noise"}  # nor their textures
+    a, b = render_scene(CFG, ood, 5), render_scene(CFG, ood, 5)
+    assert np.array_equal(a.image, b.image) and [o.class_name for o in a.objects] == [o.class_name for o in b.objects]
+    reseeded = render_scene(CFG, ood.model_copy(update={"seed": ood.seed + 10}), 5)
+    assert not np.array_equal(a.image, reseeded.image)  # the seed decides the scenes
+    shapes, counts = set(), []
+    for i in range(60):
+        scene = render_scene(CFG, ood, i)
+        shapes |= {o.class_name for o in scene.objects}
+        counts.append(len(scene.objects))
+        masks = np.array([o.mask for o in scene.objects])
+        assert (masks.sum(0) <= 1).all()
+    assert shapes == set(ood.shapes)
+    assert max(counts) == ood.max_objects and np.mean(counts) > 2  # more objects than the test split's 1-3
+    train_shapes = {o.class_name for i in range(60) for o in render_scene(CFG, CFG.train, i).objects}
+    assert train_shapes <= set(CFG.classes) and not train_shapes & shapes
+
+
+def test_ood_keys_leave_the_other_splits_alone():
+    from flows.toyworld import scene_key
+
+    assert CFG.split_digest("train") == CFG.model_copy(update={"ood": None}).split_digest("train")
+    with_world = CFG.ood.model_copy(update={"shapes": None, "textures": None})
+    assert scene_key(CFG, CFG.ood, 0) != scene_key(CFG, with_world, 0)
+
+
+def test_unknown_ood_shape_is_named():
+    bad = CFG.model_copy(update={"ood": CFG.ood.model_copy(update={"shapes": ("diamond", "blob")})})
+    with pytest.raises(ValueError, match="toyworld.ood.shapes: unknown shape 'blob'"):
+        check_names(bad)

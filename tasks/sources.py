@@ -1,0 +1,112 @@
+"""Images of your own: find the files `sources.images` names, read them as RGB.
+
+Entries are folders (searched recursively for image files), globs, or COCO
+JSON files (their `images` list; `file_name` relative to the JSON's folder).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mirage.params import ParamsError
+
+SCAN = "sources.json"  # beside the import table's shards: the files found and their scan digest
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path   # absolute
+    name: str    # as recorded: relative to the project root when inside it
+
+
+def find_files(entries: tuple[str, ...], root: Path) -> list[SourceFile]:
+    """Every file the entries name, each once, in entry order then path order.
+    An entry that names nothing is a ParamsError naming it."""
+    seen: set[Path] = set()
+    out: list[SourceFile] = []
+    for i, entry in enumerate(entries):
+        where = f"sources.images[{i}] {entry!r}"
+        path = root / entry
+        if glob.has_magic(entry):
+            found = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        elif path.is_file() and path.suffix.lower() == ".json":
+            found = coco_images(path, where)
+        elif path.is_file():
+            found = [path]
+        else:
+            raise ParamsError(f"{where}: no such file or folder")
+        if not found:
+            raise ParamsError(f"{where}: names no image file")
+        for p in found:
+            p = Path(p).absolute()
+            if p not in seen:
+                seen.add(p)
+                out.append(SourceFile(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p)))
+    return out
+
+
+def coco_images(path: Path, where: str) -> list[Path]:
+    try:
+        images = json.loads(path.read_text())["images"]
+        return [path.parent / im["file_name"] for im in images]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ParamsError(f"{where}: not a COCO JSON file with an images list ({type(err).__name__}: {err})") from None
+
+
+def scan_digest(files: list[SourceFile]) -> str:
+    """What says the files may have changed, without reading them: names,
+    sizes and modification times (what DVC's own stat cache trusts)."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = f.path.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f.name}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image(data: bytes, max_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded image bytes -> uint8 H x W x 3 (EXIF orientation applied,
+    converted to RGB, the longest side at most `max_size`), and the original
+    (width, height) after orientation."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P") and (im.mode != "P" or "transparency" in im.info):
+            rgba = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they hide
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        im = im.convert("RGB")
+        original = im.size
+        if max(original) > max_size:
+            scale = max_size / max(original)
+            im = im.resize((max(1, round(original[0] * scale)), max(1, round(original[1] * scale))), Image.LANCZOS)
+        return np.asarray(im, dtype=np.uint8), original
+
+
+def recorded_scan(table: str | Path) -> str | None:
+    """The scan digest of the files the import table was last made from (None: never made)."""
+    path = Path(table) / SCAN
+    return json.loads(path.read_text())["digest"] if path.exists() else None
+
+
+def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path) -> bool:
+    """Whether the files `entries` name differ (names, sizes, times) from
+    those the import table at `table` was made from."""
+    recorded = recorded_scan(table)
+    return recorded is not None and recorded != scan_digest(find_files(entries, root))

@@ -1,0 +1,142 @@
+"""Bring your own images: stage import, and discover / train_detector on any mix."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY, make_project
+
+from mirage.images import decode_png
+from mirage.params import ParamsError, Sources, load
+from mirage.store import read_errors, read_table
+
+
+def picture(h: int, w: int, seed: int) -> np.ndarray:
+    """An image whose rows differ (so a rotation shows), top-left corner marked red."""
+    rng = np.random.default_rng(seed)
+    img = np.kron(rng.integers(0, 200, (h // 4, w // 4, 3), dtype=np.uint8), np.ones((4, 4, 1), dtype=np.uint8))
+    img[:4, :4] = (255, 0, 0)
+    return img
+
+
+def user_folder(folder: Path) -> None:
+    """PNG, an EXIF-rotated JPEG, a grayscale PNG, a corrupt file, a duplicate, a non-image file."""
+    folder.mkdir(parents=True)
+    Image.fromarray(picture(40, 60, 0)).save(folder / "a.png")
+    rotated = Image.fromarray(picture(40, 60, 1))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    (folder / "sub").mkdir()
+    rotated.save(folder / "sub" / "rot.jpg", exif=exif, quality=95)
+    Image.fromarray(picture(32, 32, 2)[..., 0]).convert("L").save(folder / "gray.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shutil.copy(folder / "a.png", folder / "copy-of-a.png")
+    (folder / "notes.txt").write_text("not an image: a folder entry skips it")
+
+
+def test_import_folder_rows_orientation_errors_duplicates_and_one_new_file(tmp_path):
+    from flows.import_images import import_flow
+
+    user_folder(tmp_path / "mine")
+    cfg = Sources(images=("mine",), max_size=48)
+    out = tmp_path / "data" / "imported"
+    first = import_flow(cfg, str(out), str(tmp_path))
+    # 5 image files: a, its duplicate, rot, gray, broken -> 4 items (the duplicate once), 1 failed
+    assert (first["files"], first["items"], first["duplicates"], first["computed"], first["failed"]) == (5, 4, 1, 3, 1)
+    rows = {r["source"]: r for r in read_table(out).to_pylist()}
+    assert set(rows) == {"mine/a.png", "mine/gray.png", "mine/sub/rot.jpg"}
+    for r in rows.values():
+        assert r["provenance"] == "imported" and r["model"] == "imported" and r["id"].startswith("i-")
+        image = decode_png(r["image"])
+        assert image.shape == (r["height"], r["width"], 3)  # RGB, also the grayscale one
+        assert max(r["width"], r["height"]) <= 48
+    a = rows["mine/a.png"]
+    assert (a["original_width"], a["original_height"]) == (60, 40) and (a["width"], a["height"]) == (48, 32)
+    assert decode_png(a["image"])[0, 0].tolist() == pytest.approx([255, 0, 0], abs=40)  # resized, not cropped
+    rot = rows["mine/sub/rot.jpg"]
+    assert (rot["original_width"], rot["original_height"]) == (40, 60)  # EXIF orientation applied
+    assert decode_png(rot["image"])[0, -1, 0] > 180 and decode_png(rot["image"])[0, 0, 0] < 180  # red corner top-right
+    errors = read_errors(out)
+    assert [e["id"] for e in errors] == ["mine/broken.png"] and "cannot be read as an image" in errors[0]["reason"]
+
+    Image.fromarray(picture(36, 36, 3)).save(tmp_path / "mine" / "new.png")
+    second = import_flow(cfg, str(out), str(tmp_path))
+    assert (second["items"], second["computed"], second["failed"]) == (5, 1, 1)  # the new file; the broken one retried
+    again = {r["source"]: r["key"] for r in read_table(out).to_pylist()}
+    assert {k: again[k] for k in rows} == {k: r["key"] for k, r in rows.items()}  # keys are content hashes
+
+    Image.fromarray(picture(36, 36, 4)).save(tmp_path / "mine" / "new.png")  # a changed file: that item only
+    third = import_flow(cfg, str(out), str(tmp_path))
+    assert (third["items"], third["computed"]) == (5, 1)
+
+
+def test_bad_source_entries_are_named(tmp_path):
+    from tasks.sources import find_files
+
+    (tmp_path / "empty").mkdir()
+    for entries, named in [(("missing",), "sources.images[0] 'missing': no such file"),
+                           (("empty",), "sources.images[0] 'empty': names no image file"),
+                           (("empty/*.png",), "names no image file")]:
+        with pytest.raises(ParamsError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            find_files(entries, tmp_path)
+    (tmp_path / "set.json").write_text('{"images": [{"file_name": "x.png"}, {"file_name": "y.png"}]}')
+    assert [f.name for f in find_files(("set.json",), tmp_path)] == ["x.png", "y.png"]  # relative to the JSON
+
+
+def test_mix_weights_share_batches_between_sources():
+    from flows.train_detector import mix_weights
+
+    sources = ["generated"] * 6 + ["imported"] * 2
+    keep, p = mix_weights(sources, {"generated": 1.0, "imported": 1.0})
+    assert len(keep) == 8 and p[:6].sum() == pytest.approx(0.5) and p[6:].sum() == pytest.approx(0.5)
+    keep, p = mix_weights(sources, {"generated": 0.0, "imported": 1.0})
+    assert keep.tolist() == [6, 7] and p is None  # one source left: uniform, as with generated images alone
+    with pytest.raises(ValueError, match="train_detector.mix"):
+        mix_weights(sources, {"generated": 0.0, "imported": 0.0})
+
+
+def ood_folder(folder: Path, n: int) -> None:
+    """`n` unlabeled ood scenes (a seed the ood split does not use) as PNG files."""
+    from tasks.toyworld import render_scene
+
+    world = load(Path(__file__).resolve().parents[1] / "params.yaml").toyworld
+    folder.mkdir()
+    split = world.ood.model_copy(update={"seed": 99})
+    for i in range(n):
+        Image.fromarray(render_scene(world, split, i).image).save(folder / f"{i:03d}.png")
+
+
+def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
+    from mirage import pipeline
+
+    root = make_project(tmp_path, {**TINY, "sources": {"images": ["unlabeled"]},
+                                   "discover": {"sources": ["imported"], "method": "maskcut"},
+                                   "train_detector": {**TINY["train_detector"], "class_aware": False,
+                                                      "mix": {"generated": 0.0, "imported": 1.0}}})
+    ood_folder(root / "unlabeled", 16)
+    ran = {r.name: r for r in pipeline.run(root)}
+    assert ran["import"].result["computed"] == 16
+    found = read_table(root / "data" / "discovery").to_pylist()
+    assert len(found) == 16 and all(r["image_id"].startswith("i-") for r in found)  # imported images only
+    assert sum(len(r["objects"]) for r in found) > 16  # MaskCut: several objects per ood scene
+    first = (root / "models" / "detector" / "round-0" / "model.safetensors").read_bytes()
+    metrics = __import__("json").loads((root / "metrics" / "evaluate.json").read_text())
+    assert set(metrics["splits"]) == {"test", "ood"} and len(metrics["splits"]["ood"]["detector"]) == 2
+
+    mixed = pipeline.run(root, {"discover.sources": ["generated", "imported"],
+                                "train_detector.mix": {"generated": 1.0, "imported": 1.0}})
+    ran = {r.name: r for r in mixed}
+    assert not ran["import"].ran and ran["discover"].result["computed"] == 24  # the generated images, now wanted too
+    found = read_table(root / "data" / "discovery").to_pylist()
+    assert sum(r["image_id"].startswith("i-") for r in found) == 16 and len(found) == 40
+    assert (root / "models" / "detector" / "round-0" / "model.safetensors").read_bytes() != first
+
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(root / "unlabeled" / "extra.png")
+    assert "import" in pipeline.stale(root)  # DVC sees params only: mirage rescans the files
+    ran = {r.name: r for r in pipeline.run(root)}
+    assert ran["import"].result["computed"] == 1 and ran["features"].result["computed"] == 1
+    assert pipeline.stale(root) == {}
