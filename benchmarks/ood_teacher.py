@@ -37,28 +37,33 @@ from mirage.params import load  # noqa: E402
 VARIANTS: dict[str, tuple[str, dict]] = {
     "generated": ("the defaults: generated images only, TokenCut pseudo-boxes", {}),
     "maskcut": ("generated images only, MaskCut pseudo-boxes (several per image)", {"discover.method": "maskcut"}),
-    "imported": ("generated + imported ood images, MaskCut, self-training on both (transductive)",
-                 {"discover.method": "maskcut", "sources.images": ["unlabeled"]}),
-    "imported-jitter": ("as imported, with scale jitter and copy-paste, two self-training rounds",
-                        {"discover.method": "maskcut", "sources.images": ["unlabeled"],
-                         "train_detector.scale_jitter": [0.75, 1.25], "train_detector.copy_paste": 0.5,
-                         "train_detector.self_train_scores": [0.7, 0.7]}),
+    "imported": ("generated + imported ood images, MaskCut on both, self-training on both (transductive)",
+                 {"discover.method": "maskcut", "discover.imported_method": None, "sources.images": ["unlabeled"]}),
+    "imported-split": ("generated + imported ood images, TokenCut on generated, MaskCut on imported",
+                       {"discover.method": "tokencut", "discover.imported_method": "maskcut",
+                        "sources.images": ["unlabeled"]}),
+    "imported-split-jitter": ("as imported-split, with scale jitter, copy-paste and two self-training rounds",
+                              {"discover.method": "tokencut", "discover.imported_method": "maskcut",
+                               "sources.images": ["unlabeled"], "train_detector.scale_jitter": [0.75, 1.25],
+                               "train_detector.copy_paste": 0.5, "train_detector.self_train_scores": [0.7, 0.7]}),
 }
 
 
 def make_copy(work: Path) -> Path:
-    """The project's pipeline in `work` (stage code, models, params), DVC-initialised."""
+    """The project's pipeline in `work` (stage code, models, params), DVC-initialised;
+    a copy made before gets the checkout's code again and keeps its tables."""
     project = work / "project"
-    if project.exists():
-        return project
-    project.mkdir(parents=True)
+    fresh = not project.exists()
+    project.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", project)
     shutil.copy(ROOT / "params.yaml", project)
     for pkg in ("flows", "tasks", "mirage", "models/generator", "models/encoder"):
+        shutil.rmtree(project / pkg, ignore_errors=True)
         shutil.copytree(ROOT / pkg, project / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    if (ROOT / "data").is_dir():  # the checkout's tables: items of the same params are reused, not recomputed
-        shutil.copytree(ROOT / "data", project / "data", ignore=shutil.ignore_patterns(".*"))
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    if fresh:
+        if (ROOT / "data").is_dir():  # the checkout's tables: items of the same params are reused, not recomputed
+            shutil.copytree(ROOT / "data", project / "data", ignore=shutil.ignore_patterns(".*"))
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     return project
 
 
@@ -97,8 +102,9 @@ def run_variant(project: Path, overrides: dict, log: Path) -> tuple[dict, float]
     return json.loads((project / "metrics" / "evaluate.json").read_text()), time.perf_counter() - start
 
 
-def report(name: str, why: str, overrides: dict, m: dict, seconds: float) -> dict:
-    teacher = overrides.get("discover.method", "tokencut")
+def report(name: str, why: str, overrides: dict, full: dict, m: dict, seconds: float) -> dict:
+    teacher = full["discover.imported_method"] if full["sources.images"] and full["discover.imported_method"] \
+        else full["discover.method"]  # what labelled the ood-like images, when any were imported
     print(f"\n== {name}: {why} ({seconds:.0f} s)")
     print(f"   -S {' -S '.join(f'{k}={json.dumps(v)}' for k, v in overrides.items()) or '(none)'}")
     print(f"   {'split':<6} {'TokenCut CorLoc/AP50':>21} {'MaskCut CorLoc/AP50':>20}   detector AP50 (AP) by round")
@@ -147,7 +153,7 @@ def main() -> None:
         why, overrides = VARIANTS[name]
         full = {**defaults, **extra, **overrides}
         m, seconds = run_variant(project, full, work / f"{name}.log")
-        results[name] = report(name, why, overrides, m, seconds)
+        results[name] = report(name, why, overrides, full, m, seconds)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults: {work / 'results.json'}")
 

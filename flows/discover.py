@@ -36,6 +36,7 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
         except Exception as err:  # noqa: BLE001 - PIL raises several types
             errors[r["key"]] = (r["id"], f"cannot be decoded: {type(err).__name__}: {err}")
     found = []  # (row index, box, mask, score)
+    cuts_cfg = {m: cfg.model_copy(update={"method": m}) for m in {r.get("method", cfg.method) for r in rows}}
     for i, r in enumerate(rows):
         if r["key"] in errors:
             continue
@@ -45,7 +46,7 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
             continue
         h, w = decoded[r["key"]].shape[:2]
         kept = 0
-        for cut in discover_objects(feats, (gh, gw), cfg):
+        for cut in discover_objects(feats, (gh, gw), cuts_cfg[r.get("method", cfg.method)]):
             mask, box = cut_to_object(cut, h, w)
             if box[2] <= 0 or box[3] <= 0 or mask.all():  # degenerate: nothing, or the whole image
                 continue
@@ -130,7 +131,7 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
     log = get_run_logger()
     tables = {"generated": images, "imported": imported}
     columns = ["id", "image", "class_name", "width", "height"]
-    imgs = {r["id"]: r for name in cfg.sources if tables.get(name)
+    imgs = {r["id"]: {**r, "source": name} for name in cfg.sources if tables.get(name)
             for r in read_table(tables[name], columns=columns).to_pylist()}
     meta = table_metadata(features)
     grid = tuple(int(v) for v in meta["grid"].split(","))
@@ -147,8 +148,11 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
         naming = (model_id, *facts["computed_on"])
         wanted = []
         for f in feats:
-            key = item_key("discover", VERSION, f["key"], naming, cfg.digest())
-            wanted.append((key, {**f, "key": key, "image": imgs[f["id"]]["image"], "class_name": imgs[f["id"]]["class_name"]}))
+            image = imgs[f["id"]]
+            method = cfg.method_for(image["source"])
+            # an imported image's cut may be another method than the generated images' (discover.imported_method)
+            key = item_key("discover", VERSION, f["key"], naming, cfg.digest(), *([method] if image["source"] == "imported" else []))
+            wanted.append((key, {**f, "key": key, "image": image["image"], "class_name": image["class_name"], "method": method}))
         store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
                            cfg.shard_rows, pool=pool_dir("discover"))
         with progress(len(wanted), "discover") as bar:

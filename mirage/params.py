@@ -174,13 +174,19 @@ class Features(Section):
 
 
 class Discover(Section):
-    # which images are discovered in picks items, never changes one: not part of item keys
-    LAYOUT = frozenset({"shard_rows", "sources"})
+    def method_for(self, source: str) -> str:
+        """The cut for images of `source` (generated or imported)."""
+        return (self.imported_method or self.method) if source == "imported" else self.method
+
+    # which images are discovered in picks items, never changes one: not part of item keys;
+    # imported_method is in the keys of imported items only
+    LAYOUT = frozenset({"shard_rows", "sources", "imported_method"})
 
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
     sources: tuple[Source, ...] = Field(default=("generated", "imported"), min_length=1)  # images to discover in
     method: Literal["tokencut", "maskcut"] = "tokencut"
+    imported_method: Literal["tokencut", "maskcut"] | None = None  # imported images' cut; null: `method`
     tau: float = Field(ge=-1, le=1)
     eps: float = Field(gt=0)
     max_objects: int = Field(default=3, ge=1)

@@ -189,6 +189,10 @@ def key_metrics(m: dict | None) -> dict[str, float | None]:
            "discovery CorLoc, random weights": m["discovery"]["corloc_random_weights"]}
     out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
     out |= {"detector AP (last round)": rounds[-1]["ap"], "prompt alignment": m["generation"]["prompt_alignment"]}
+    ood = m.get("splits", {}).get("ood")
+    if ood:  # objects no model was trained on: the detector against discovery, its teacher
+        out |= {f"ood: {method} AP50": x["ap50"] for method, x in ood["discovery"].items()}
+        out |= {f"ood: detector AP50, round {r}": x["ap50"] for r, x in enumerate(ood["detector"])}
     return out
 
 
@@ -226,7 +230,7 @@ def summary_markdown(results: list, seconds: float, metrics: dict | None, previo
         lines.append(f"| {r.name} | {state} | {r.seconds:.1f} | {why[:300]} |")
     now, before = key_metrics(metrics), key_metrics(previous)
     if now:
-        lines += ["", "## Metrics (toy test split, class-agnostic)", "", "| metric | this run | previous run |",
+        lines += ["", "## Metrics (toy test split unless marked ood; class-agnostic)", "", "| metric | this run | previous run |",
                   "|---|---|---|"]
         lines += [f"| {k} | {_fmt(v)} | {_fmt(before.get(k))} |" for k, v in now.items()]
     return "\n".join(lines)

@@ -144,3 +144,12 @@ def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
     ran = {r.name: r for r in pipeline.run(root)}
     assert ran["import"].result["computed"] == 1 and ran["features"].result["computed"] == 1
     assert pipeline.stale(root) == {}
+
+
+def test_imported_method_cuts_imported_images_only_and_leaves_generated_keys_alone():
+    cfg = load(Path(__file__).resolve().parents[1] / "params.yaml").discover.model_copy(
+        update={"method": "tokencut", "imported_method": None})
+    split = cfg.model_copy(update={"imported_method": "maskcut"})
+    assert (cfg.method_for("imported"), split.method_for("imported"), split.method_for("generated")) == \
+        ("tokencut", "maskcut", "tokencut")
+    assert cfg.digest() == split.digest()  # generated items keep their keys; imported ones add their method
