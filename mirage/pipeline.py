@@ -489,7 +489,7 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment'] or float('nan'):.3f}",
         ]
-        for name, split in m.get("splits", {}).items():
+        for name, split in sorted(m.get("splits", {}).items(), key=lambda kv: kv[0] != "test"):  # test, then ood
             cuts = ", ".join(f"{k} {v['corloc']:.3f} / {v['ap50']:.3f}" for k, v in split["discovery"].items())
             lines += [f"  {name} split ({split['images']} images): discovery CorLoc / AP50  {cuts}",
                       f"  {'':<{len(name) + 7}}detector AP50 by round  " + " -> ".join(f"{r['ap50']:.3f}" for r in split["detector"])]
