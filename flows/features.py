@@ -114,7 +114,7 @@ class FeaturesJob:
                  "computed_on": (m.encoder.device.type, compute_dtype(self.cfg.dtype, m.encoder.device)),
                  # the UNet's identity, when it makes the patches
                  "patch_id": model_fingerprint(self.generator) if mode == "unet" else "", "grid": None}
-        if probe:
+        if mode and probe:
             image, _ = decode_batch([probe[0]], [probe[1]], None)
             feats, (gh, gw) = (m.unet if mode == "unet" else EncoderPatches(m.encoder, mode)).patches(image)
             facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
