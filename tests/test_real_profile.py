@@ -15,7 +15,7 @@ import pytest
 from mirage import pipeline
 from mirage.store import read_table
 
-UNFROZEN = ["toyworld", "generate", "features", "discover", "train_detector", "evaluate"]
+from conftest import UNFROZEN
 
 
 def counts(results) -> dict:
@@ -41,7 +41,7 @@ def toy(tmp_path_factory, new_project):
     real architectures are slow on a CPU)."""
     from conftest import TINY
 
-    small = {**TINY, "toyworld": {"train": {"n": 48}, "test": {"n": 12}},
+    small = {**TINY, "toyworld": {"train": {"n": 48}, "test": {"n": 12}, "ood": {"n": 12}},
              "generate": {"per_prompt": 2, "steps": 4, "batch_size": 4}, "features": {"batch_size": 4},
              "train_detector": {"steps": 4, "batch_size": 4, "self_train_steps": 2, "class_aware": True}}
     root = new_project(tmp_path_factory.mktemp("toy"), small)
