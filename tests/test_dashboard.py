@@ -67,7 +67,10 @@ def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
     rows = json.loads(table) if isinstance(table, str) else table
     assert {"stage": "evaluate", "metric": "discovery CorLoc", "value": corloc} in rows
     assert {"stage": "generate", "metric": "items computed / total", "value": "24 / 24"} in rows
-    assert [r["metric"] for r in rows if "AP50, round" in r["metric"]] == ["detector AP50, round 0", "detector AP50, round 1"]
+    assert [r["metric"] for r in rows if "AP50, round" in r["metric"]] == [
+        "detector AP50, round 0", "detector AP50, round 1", "ood: detector AP50, round 0", "ood: detector AP50, round 1"]
+    assert {"stage": "evaluate", "metric": "ood: maskcut AP50",
+            "value": f"{metrics['splits']['ood']['discovery']['maskcut']['ap50']:.3f}"} in rows
     for key in ("mirage-discoveries", "mirage-detections"):
         width, height = png_size(found[key]["data"])
         assert width >= 128 and height >= 32
@@ -103,7 +106,7 @@ def test_every_output_is_an_asset_with_its_upstream_assets_and_facts(finished):
             assert f"{root_uri}/{upstream}" in related, (path, related)
         assert event["payload"]["bytes"] > 0 and event["payload"]["params_digest"]
     assert ours[f"{root_uri}/data/generated"]["payload"]["rows"] == 24
-    assert ours[f"{root_uri}/data/toyworld"]["payload"]["rows"] == 48 + 40
+    assert ours[f"{root_uri}/data/toyworld"]["payload"]["rows"] == 48 + 40 + 24  # train, test, ood
 
 
 class _Hook(BaseHTTPRequestHandler):
