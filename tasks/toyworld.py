@@ -83,7 +83,6 @@ def background(rng: np.random.Generator, size: int, textures: tuple[str, ...] | 
         kind = "gradient" if rng.random() < 0.5 else "noise"
     else:
         kind = str(rng.choice(textures))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     if kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         gy, gx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
@@ -93,6 +92,7 @@ def background(rng: np.random.Generator, size: int, textures: tuple[str, ...] | 
         coarse = rng.uniform(0, 1, size=(size // 4 + 1, size // 4 + 1))
         t = np.kron(coarse, np.ones((4, 4)))[:size, :size]
     else:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
         period = rng.uniform(3, 7)
         if kind == "stripes":
             angle = rng.uniform(0, np.pi)
