@@ -17,9 +17,11 @@ sys.path.insert(0, str(ROOT))
 # benchmarks never read or fill the project's pool of kept rows
 os.environ["MIRAGE_POOL"] = tempfile.mkdtemp(prefix="mirage-bench-pool-")
 
-from mirage import params, schema  # noqa: E402
-from mirage.images import encode_png  # noqa: E402
-from mirage.store import ShardStore, item_key  # noqa: E402
+from mirage.data import params
+
+from mirage.data import schema
+from mirage.data.images import encode_png  # noqa: E402
+from mirage.data.store import ShardStore, item_key  # noqa: E402
 
 
 @contextlib.contextmanager

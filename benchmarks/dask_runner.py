@@ -66,8 +66,8 @@ def main() -> None:
     from flows.discover import discover_flow
     from flows.features import features_flow
     from flows.generate import generate_flow
-    from mirage.runner import DaskRunner, shared_cluster
-    from mirage.store import iter_rows
+    from mirage.run.runner import DaskRunner, shared_cluster
+    from mirage.data.store import iter_rows
 
     p = project_params()
     root = Path(__file__).resolve().parents[1]

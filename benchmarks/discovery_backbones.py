@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from mirage.images import decode_png
-from mirage.models import load_encoder, load_generator
-from mirage.store import read_table
+from mirage.data.images import decode_png
+from mirage.models.encoders import load_encoder, load_toy_pipeline
+from mirage.data.store import read_table
 from tasks.discover import cut_to_object, tokencut
 from tasks.evaluate import corloc
 
@@ -76,7 +76,7 @@ def main() -> None:
         "encoder random (keys, 8x8)": lambda: encoder_keys("random:mirage-toy-clip:0", images),
         "encoder trained (keys, 8x8)": lambda: encoder_keys(f"local-dir:{args.encoder}", images),
     }
-    pipe = load_generator(args.generator, torch.device("cpu"))
+    pipe = load_toy_pipeline(args.generator, torch.device("cpu"))
     for block in ("down.0", "down.1", "mid", "up.0", "up.1"):
         for t in (10, 100):
             candidates[f"unet {block} t={t}"] = lambda b=block, t=t: unet_features(pipe, images, b, t)

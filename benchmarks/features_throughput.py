@@ -22,8 +22,8 @@ import torch
 from _common import images_table, prefect_server, project_params, timed
 
 from mirage import random_models
-from mirage.models import load_encoder
-from mirage.store import iter_rows
+from mirage.models.encoders import load_encoder
+from mirage.data.store import iter_rows
 from tasks.features import decode_batch
 
 

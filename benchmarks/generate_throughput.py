@@ -23,8 +23,8 @@ import torch
 from _common import ROOT, prefect_server, project_params, timed
 
 from mirage import random_models
-from mirage.fingerprint import model_fingerprint
-from mirage.generators import load_generator
+from mirage.models.fingerprint import model_fingerprint
+from mirage.models.generators import load_generator
 from tasks.generate import plan
 
 

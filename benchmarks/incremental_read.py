@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mirage.store import ShardStore, item_key, read_table  # noqa: E402
+from mirage.data.store import ShardStore, item_key, read_table  # noqa: E402
 
 
 class WholeFileStore(ShardStore):

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mirage.params import load  # noqa: E402
+from mirage.data.params import load  # noqa: E402
 
 # name -> (what it tries, -S overrides); sources.images is filled in for "imported" variants
 VARIANTS: dict[str, tuple[str, dict]] = {

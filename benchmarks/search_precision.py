@@ -15,8 +15,8 @@ import polars as pl
 
 from _common import ROOT, project_params
 
-from mirage.fingerprint import encoder_spec
-from mirage.models import load_encoder
+from mirage.models.fingerprint import encoder_spec
+from mirage.models.encoders import load_encoder
 from mirage.search import search, shard_files
 
 

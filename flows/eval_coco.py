@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirage import params as params_mod
-from mirage.devices import resolve_device
-from mirage.fingerprint import encoder_spec, under
-from mirage.models import backbone_input_size, load_encoder, load_patch_backbone
+from mirage.data import params as params_mod
+from mirage.models.devices import resolve_device
+from mirage.models.encoders import (
+    backbone_input_size,
+    load_encoder,
+    load_patch_backbone,
+)
+from mirage.models.fingerprint import encoder_spec, under
 from tasks.coco_dataset import evaluate_detector, evaluate_discovery, load_coco
 from tasks.train_detector import load_detector
 

@@ -9,73 +9,24 @@ be read are listed in the table's errors.parquet and retried next run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 
-from mirage import schema
-from mirage.images import encode_png
-from mirage.params import Sources
-from mirage.stage import command, parse, progress, report_errors
-from mirage.store import ERRORS, Partial, ShardStore, atomic_write_json, item_key
-from tasks.sources import SCAN, SourceFile, content_hash, find_files, read_image, scan_digest
-
-VERSION = 1
-
-
-def import_batch(cfg: Sources, specs: list[dict]) -> pa.Table | Partial:
-    rows, errors = [], {}
-    for s in specs:
-        try:
-            data = Path(s["path"]).read_bytes()
-            if content_hash(data) != s["sha256"]:
-                raise OSError("the file changed while importing: run again")
-            image, (ow, oh) = read_image(data, cfg.max_size)
-        except Exception as err:  # noqa: BLE001 - PIL raises several types
-            why = "not an image format PIL reads, or corrupt" if type(err).__name__ == "UnidentifiedImageError" else err
-            errors[s["key"]] = (s["name"], f"cannot be read as an image: {type(err).__name__}: {why}")
-            continue
-        rows.append({"key": s["key"], "id": f"i-{s['sha256'][:16]}", "image": encode_png(image),
-                     "width": image.shape[1], "height": image.shape[0], "prompt": "", "class_name": "",
-                     "seed": 0, "model": "imported", "steps": 0, "guidance": 0.0, "provenance": "imported",
-                     "source": s["name"], "original_width": ow, "original_height": oh})
-    table = pa.Table.from_pylist(rows, schema=schema.IMPORTED)
-    return Partial(table, errors) if errors else table
-
-
-@dataclass
-class Found:
-    files: list[SourceFile]
-    wanted: list[tuple[str, dict]]
-    duplicates: list[tuple[str, str]]  # (file, the file it duplicates)
-
-
-def plan(cfg: Sources, root: Path) -> Found:
-    """The items the files make: one per distinct content."""
-    files = find_files(cfg.images, root)
-    wanted, first, duplicates = [], {}, []
-    with progress(len(files), "import: hashing", unit="file") as bar:
-        for f in files:
-            try:
-                sha = content_hash(f.path.read_bytes())
-            except OSError as err:
-                sha = content_hash(f"unreadable:{f.name}:{err}".encode())  # an item that fails, named
-            if sha in first:
-                duplicates.append((f.name, first[sha]))
-            else:
-                first[sha] = f.name
-                key = item_key("import", VERSION, sha, cfg.max_size)
-                wanted.append((key, {"key": key, "path": str(f.path), "name": f.name, "sha256": sha}))
-            bar.update(1)
-    return Found(files, wanted, duplicates)
+from mirage.data import schema
+from mirage.data.params import Sources
+from mirage.data.store import ERRORS, ShardStore, atomic_write_json
+from mirage.run.stage import command, parse, progress, report_errors
+from mirage.data.sources import SCAN, find_files, scan_digest
+from tasks.import_images import import_batch, plan
 
 
 @flow(name="import")
 def import_flow(cfg: Sources, out: str, root: str = ".") -> dict:
     log = get_run_logger()
-    found = plan(cfg, Path(root).absolute())
+    files = find_files(cfg.images, Path(root).absolute())  # an entry naming nothing fails here, named
+    with progress(len(files), "import: hashing", unit="file") as bar:
+        found = plan(cfg, files, bar.update)
     for name, original in found.duplicates:
         log.info("import: %s has the bytes of %s: imported once", name, original)
     store = ShardStore(out, schema.IMPORTED, {"stage": "import", "params": cfg.digest()}, cfg.shard_rows,

@@ -3,40 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 
-from mirage import schema
-from mirage.images import encode_mask, encode_png, mask_to_box
-from mirage.params import Split, Toyworld
-from mirage.stage import command, parse, progress
-from mirage.store import ShardStore, item_key
-from tasks.toyworld import check_names, render_scene
-
-VERSION = 1  # bump when rendering changes: it is part of every scene's key
-
-
-def scene_key(cfg: Toyworld, split: Split, index: int) -> str:
-    # `n` is left out on purpose: growing a split keeps the scenes it had.
-    other = {k: v for k, v in split.spec().items() if k in ("shapes", "textures")}  # only where set: old keys hold
-    return item_key("toyworld", VERSION, cfg.image_size, cfg.classes, cfg.colors, cfg.object_size,
-                    split.seed, split.min_objects, split.max_objects, index, *([other] if other else []))
-
-
-def render_batch(cfg: Toyworld, split: Split, specs: list[tuple[str, int]]) -> pa.Table:
-    rows = []
-    for key, index in specs:
-        scene = render_scene(cfg, split, index)
-        objects = [
-            {"class_name": o.class_name, "color": o.color, "box": mask_to_box(o.mask), "mask": encode_mask(o.mask)}
-            for o in scene.objects
-        ]
-        rows.append({
-            "key": key, "id": f"s{split.seed}-{index:06d}", "image": encode_png(scene.image),
-            "width": cfg.image_size, "height": cfg.image_size, "caption": scene.caption,
-            "seed": index, "objects": objects,
-        })
-    return pa.Table.from_pylist(rows, schema=schema.SCENES)
+from mirage.data import schema
+from mirage.data.params import Toyworld
+from mirage.data.store import ShardStore
+from mirage.run.stage import command, parse, progress
+from tasks.toyworld import check_names, render_batch, scene_key
 
 
 @flow(name="toyworld")

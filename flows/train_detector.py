@@ -1,87 +1,21 @@
 """Stage train_detector: Faster R-CNN on the discovered pseudo-boxes of generated images."""
 from __future__ import annotations
 
-import numpy as np
 from prefect import flow, get_run_logger
 
-from mirage.checkpoint import Checkpoints, data_key
-from mirage.images import decode_mask, decode_png, encode_mask
-from mirage.params import Runner, TrainDetector
-from mirage.stage import LossProgress, command, parse
-from mirage.store import atomic_dir, read_table
-from tasks.train_detector import as_mask, merge_predictions, predict, save_detector, train
-
-
-def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None,
-                    imported_dir: str | None = None) -> tuple[np.ndarray, list[dict], list[str]]:
-    """Images with their discovered boxes (images without a box are skipped),
-    generated then imported, and each one's source.  Labels: 1 for every box
-    (class-agnostic) or, given `classes`, the generating prompt's class where
-    known, else the zero-shot label.  Images of another size than the first
-    are resized to it, their boxes and masks with them."""
-    labelled: dict[str, dict] = {}
-    for r in read_table(objects_dir, columns=["image_id", "prompt_class", "objects"]).to_pylist():
-        found = [o for o in r["objects"] if o["box"][2] > 0 and o["box"][3] > 0]
-        if not found:
-            continue
-        def label(o: dict) -> int:
-            if classes is None:
-                return 1
-            known = r["prompt_class"] in classes
-            name = r["prompt_class"] if known and (len(found) == 1 or o["label"] not in classes) else o["label"]
-            if name not in classes:
-                raise ValueError(f"image {r['image_id']}: object labelled {name!r}, not one of discover.classes "
-                                 "(class_aware needs an encoder with a text tower or prompt classes)")
-            return classes.index(name) + 1
-        labelled[r["image_id"]] = {"boxes": [o["box"] for o in found], "labels": [label(o) for o in found],
-                                   "masks": [o["mask"] for o in found]}
-    tables = [("generated", images_dir)] + ([("imported", imported_dir)] if imported_dir else [])
-    rows = [(name, r) for name, table in tables for r in read_table(table, columns=["id", "image"]).to_pylist()
-            if r["id"] in labelled]
-    if not rows:
-        raise ValueError(f"no image of {', '.join(t for _, t in tables)} has a discovered object in {objects_dir}")
-    images = [decode_png(r["image"]) for _, r in rows]
-    items = [labelled[r["id"]] for _, r in rows]
-    size = images[0].shape[:2]
-    for i, image in enumerate(images):
-        if image.shape[:2] != size:
-            images[i], items[i] = resized(image, items[i], size)
-    return np.stack(images), items, [name for name, _ in rows]
-
-
-def resized(image: np.ndarray, item: dict, size: tuple[int, int]) -> tuple[np.ndarray, dict]:
-    """An image brought to `size` (h, w), its boxes scaled and its masks resized with it."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    sy, sx = size[0] / h, size[1] / w
-    out = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    boxes = [[x * sx, y * sy, bw * sx, bh * sy] for x, y, bw, bh in item["boxes"]]
-    masks = [encode_mask(np.asarray(Image.fromarray(decode_mask(m, h, w)).resize((size[1], size[0]), Image.NEAREST)))
-             for m in item["masks"]]
-    return out, {**item, "boxes": boxes, "masks": masks}
-
-
-def mix_weights(sources: list[str], mix: dict[str, float]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Which images train (their source's share is > 0) and each one's chance
-    to be drawn: `mix` shares split evenly over each source's images.  None
-    when one source remains (uniform draws, as with generated images alone)."""
-    share = np.array([mix.get(s, 0.0) for s in sources])
-    keep = np.flatnonzero(share > 0)
-    if not len(keep):
-        raise ValueError(f"train_detector.mix gives no share to the sources with objects ({sorted(set(sources))})")
-    kept = [sources[i] for i in keep]
-    if len(set(kept)) == 1:
-        return keep, None
-    counts = {s: kept.count(s) for s in set(kept)}
-    p = np.array([mix[s] / counts[s] for s in kept])
-    return keep, p / p.sum()
-
-
-def paste_pool(labelled: list[dict], size: tuple[int, int]) -> list[tuple[int, np.ndarray, int]]:
-    """Every discovered object as (image index, bool mask, label), for copy-paste."""
-    return [(i, as_mask(rle, size), label) for i, item in enumerate(labelled)
-            for rle, label in zip(item["masks"], item["labels"])]
+from mirage.data.params import Runner, TrainDetector
+from mirage.data.store import atomic_dir
+from mirage.models.checkpoint import Checkpoints, data_key
+from mirage.run.stage import LossProgress, command, parse
+from tasks.train_detector import (
+    merge_predictions,
+    mix_weights,
+    paste_pool,
+    predict,
+    pseudo_labelled,
+    save_detector,
+    train,
+)
 
 
 @flow(name="train_detector")

@@ -1,16 +1,15 @@
 """Stage train_encoder: the toy profile's open_clip model, in open_clip's local-dir layout."""
 from __future__ import annotations
 
-
 import numpy as np
 from prefect import flow, get_run_logger
 
-from mirage.checkpoint import Checkpoints, data_key
-from mirage.images import decode_png
-from mirage.models import save_encoder
-from mirage.params import Runner, TrainEncoder
-from mirage.stage import LossProgress, command, parse
-from mirage.store import atomic_dir, read_table
+from mirage.data.images import decode_png
+from mirage.data.params import Runner, TrainEncoder
+from mirage.data.store import atomic_dir, read_table
+from mirage.models.checkpoint import Checkpoints, data_key
+from mirage.models.encoders import save_encoder
+from mirage.run.stage import LossProgress, command, parse
 from tasks.train_encoder import train
 
 

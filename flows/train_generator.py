@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 from prefect import flow, get_run_logger
 
-from mirage.checkpoint import Checkpoints, data_key
-from mirage.images import decode_png
-from mirage.params import Runner, TrainGenerator
-from mirage.stage import LossProgress, command, parse
-from mirage.store import atomic_dir, read_table
+from mirage.data.images import decode_png
+from mirage.data.params import Runner, TrainGenerator
+from mirage.data.store import atomic_dir, read_table
+from mirage.models.checkpoint import Checkpoints, data_key
+from mirage.run.stage import LossProgress, command, parse
 from tasks.train_generator import train
 
 

@@ -6,21 +6,23 @@ import sys
 import time
 from pathlib import Path
 
-from mirage.params import ParamsError, parse_override
+from mirage.data.params import ParamsError, parse_override
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mirage import pipeline
+    from flows import pipeline
+    from mirage.run import scheduler
 
     start = time.perf_counter()
     overrides = dict(parse_override(s) for s in args.set)
     results = pipeline.run(args.root, overrides, force=args.force)
-    print(pipeline.summary(args.root, results, time.perf_counter() - start))
+    print(scheduler.summary(args.root, results, time.perf_counter() - start))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mirage import pipeline
+    from flows import pipeline
+    from mirage.run import scheduler
 
     start = time.perf_counter()
     unknown = set(args.models) - {"generator", "encoder"}
@@ -29,19 +31,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     stages = tuple(f"train_{m}" for m in (args.models or ["generator", "encoder"]))
     results = pipeline.run(args.root, force=False, train=stages)
-    print(pipeline.summary(args.root, results, time.perf_counter() - start))
+    print(scheduler.summary(args.root, results, time.perf_counter() - start))
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from mirage.server import serve
+    from mirage.run.server import run_server
 
-    return serve(args.root, args.host, args.port)
+    return run_server(args.root, args.host, args.port)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mirage import params as params_mod
-    from mirage.server import connect
+    from mirage.data import params as params_mod
+    from mirage.run.server import connect
 
     root = Path(args.root).resolve()
     overrides = dict(parse_override(s) for s in args.set)
@@ -64,12 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mirage import params as params_mod
-    from mirage import pipeline
+    from mirage.data import params as params_mod
+    from mirage.run import scheduler
 
     root = Path(args.root).resolve()
     params_mod.load(root / "params.yaml")  # bad params are named first
-    status = pipeline.explain(root)
+    status = scheduler.explain(root)
     if not status.stale:
         print("nothing stale: `mirage run` would run no stage")
     for stage, reasons in status.stale.items():
@@ -87,7 +89,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from mirage import remote
+    from mirage.run import remote
 
     sent = remote.push(Path(args.root).resolve(), args.remote, args.jobs)
     print(f"pushed {sent} file(s) to the DVC remote")
@@ -95,7 +97,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from mirage import remote
+    from mirage.run import remote
 
     fetched, still = remote.pull(Path(args.root).resolve(), args.remote, args.jobs)
     print(f"pulled {fetched} file(s) from the DVC remote")
@@ -108,7 +110,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     import json
 
     from flows.eval_coco import eval_coco
-    from mirage.store import atomic_write_json
+    from mirage.data.store import atomic_write_json
 
     try:
         result = eval_coco(Path(args.root), args.annotations, args.images, args.detector, args.discovery,
@@ -123,9 +125,9 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from mirage import params as params_mod
-    from mirage.fingerprint import encoder_spec, under
-    from mirage.models import load_encoder
+    from mirage.data import params as params_mod
+    from mirage.models.encoders import load_encoder
+    from mirage.models.fingerprint import encoder_spec, under
     from mirage.search import contact_sheet, search
 
     root = Path(args.root)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--images", default="data/generated", help="the images table (relative to --root)")
     find.set_defaults(func=cmd_search)
     args = parser.parse_args(argv)
-    from mirage.pipeline import PipelineError, StageFailed
+    from mirage.run.scheduler import PipelineError, StageFailed
 
     try:
         return args.func(args)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if type(err).__name__ != "LockError":  # DVC's: a pipeline run or `dvc repro` holds the workspace
             raise
-        from mirage.pipeline import busy
+        from mirage.run.scheduler import busy
 
         print(f"mirage: {busy(Path(args.root).resolve())}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import torch
 
 def save_open_clip(arch: str, out: Path, seed: int = 0) -> Path:
     """open_clip's local-dir layout: load with `local-dir:OUT` (or just OUT)."""
-    from mirage.models import load_encoder, save_encoder
+    from mirage.models.encoders import load_encoder, save_encoder
 
     enc = load_encoder(f"random:{arch}:{seed}", torch.device("cpu"))
     save_encoder(enc.model, arch, out)
@@ -78,7 +78,11 @@ def save_text2image(out: Path, seed: int = 0, unet_channels: tuple[int, ...] = (
     """A StableDiffusionPipeline (SD 1.5 / SD-Turbo layout: UNet2DConditionModel,
     AutoencoderKL, CLIP text model, Euler scheduler with trailing spacing),
     loadable with AutoPipelineForText2Image.  Defaults are tiny."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mirage.store import MANIFEST, table_metadata
+from mirage.data.store import MANIFEST, table_metadata
 
 
 @dataclass
@@ -49,7 +49,7 @@ def top_k(features: str | Path, text: np.ndarray, k: int, batch_rows: int = 8192
 
 def search(query: str, features: str | Path, images: str | Path, encoder, k: int = 10) -> list[Hit]:
     """Rank cached images by similarity to `query` under the encoder that made the features."""
-    from mirage.fingerprint import model_fingerprint
+    from mirage.models.fingerprint import model_fingerprint
 
     recorded = table_metadata(features).get("model")
     if recorded != model_fingerprint(encoder.name):
@@ -71,8 +71,8 @@ def contact_sheet(hits: list[Hit], path: str | Path, tile: int = 128, columns: i
     """A grid PNG of the hits, best first, each captioned with its rank and score."""
     from PIL import Image, ImageDraw
 
-    from mirage.images import decode_png
-    from mirage.store import atomic_write_bytes
+    from mirage.data.images import decode_png
+    from mirage.data.store import atomic_write_bytes
 
     rows = max(1, -(-len(hits) // columns))
     sheet = Image.new("RGB", (columns * tile, rows * (tile + 14)), "white")

@@ -10,12 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from scipy import ndimage
 from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
-from mirage.images import mask_to_box
-from mirage.models import Encoder
+from mirage.data import schema
+from mirage.data.images import decode_png, encode_mask, mask_to_box
+from mirage.data.params import Discover, Features
+from mirage.data.store import Partial
+from mirage.models.devices import compute_dtype, resolve_device
+from mirage.models.encoders import Encoder, load_encoder
+from mirage.models.fingerprint import encoder_spec, model_fingerprint
 
 DENSE_MAX_NODES = 400  # up to here a dense eigh is faster than ARPACK (0.13 s vs 0.04 s at 1024 nodes)
 
@@ -170,3 +176,105 @@ def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[C
     if cfg.method == "tokencut":
         return [tokencut(features, grid, cfg.tau, cfg.eps)]
     return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area)
+
+
+VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
+
+
+def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table | Partial:
+    """Objects of a batch of images.  An image that cannot be decoded, whose
+    patch features are not finite, or where no object is found (every cut
+    empty or the whole image) is a failed item: left out, with its reason."""
+    gh, gw, c = grid
+    errors: dict[str, tuple[str, str]] = {}
+    decoded = {}
+    for r in rows:
+        try:
+            decoded[r["key"]] = decode_png(r["image"])
+        except Exception as err:  # noqa: BLE001 - PIL raises several types
+            errors[r["key"]] = (r["id"], f"cannot be decoded: {type(err).__name__}: {err}")
+    found = []  # (row index, box, mask, score)
+    cuts_cfg = {m: cfg.model_copy(update={"method": m}) for m in {r.get("method", cfg.method) for r in rows}}
+    for i, r in enumerate(rows):
+        if r["key"] in errors:
+            continue
+        feats = r["patches"].astype(np.float32).reshape(gh * gw, c)
+        if not np.isfinite(feats).all():
+            errors[r["key"]] = (r["id"], "non-finite patch features (NaN or inf)")
+            continue
+        h, w = decoded[r["key"]].shape[:2]
+        kept = 0
+        for cut in discover_objects(feats, (gh, gw), cuts_cfg[r.get("method", cfg.method)]):
+            mask, box = cut_to_object(cut, h, w)
+            if box[2] <= 0 or box[3] <= 0 or mask.all():  # degenerate: nothing, or the whole image
+                continue
+            found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
+            kept += 1
+        if not kept:
+            errors[r["key"]] = (r["id"], "no object found (every cut empty or the whole image)")
+    prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
+    if found and encoder.has_text:
+        images = [decoded[rows[f[0]]["key"]] for f in found]  # own sizes: crops are resized
+        index, label_scores = zero_shot(encoder, images, [f[1] for f in found], prompts)
+        labels = [cfg.classes[int(i)] for i in index]
+    else:  # an image-only encoder (a timm ViT) names nothing: label "" with score 0
+        labels, label_scores = [""] * len(found), [0.0] * len(found)
+    objects: list[list[dict]] = [[] for _ in rows]
+    for (i, box, mask, score), lab, ls in zip(found, labels, label_scores):
+        objects[i].append({"box": box, "mask": mask, "score": score, "label": lab, "label_score": float(ls)})
+    out = [{"key": r["key"], "image_id": r["id"], "prompt_class": r["class_name"], "objects": o}
+           for r, o in zip(rows, objects) if r["key"] not in errors]
+    table = pa.Table.from_pylist(out, schema=schema.OBJECTS)
+    return Partial(table, errors) if errors else table
+
+
+def coco_detections(rows: list[dict], images: list[dict], classes: tuple[str, ...]) -> dict:
+    """The discovered objects as a COCO detection file's content (boxes x, y, w, h px)."""
+    objects = [{**o, "image_id": r["image_id"]} for r in rows for o in r["objects"]]
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    if any(o["label"] not in classes for o in objects):  # unnamed (an image-only encoder)
+        cats.append({"id": len(classes) + 1, "name": "object"})
+    coco = {
+        "images": [{"id": i, "file_name": im["id"], "width": im["width"], "height": im["height"]} for i, im in enumerate(images)],
+        "categories": cats,
+        "annotations": [],
+    }
+    index = {im["id"]: i for i, im in enumerate(images)}
+    for n, o in enumerate(objects):
+        x, y, w, h = o["box"]
+        coco["annotations"].append({
+            "id": n + 1, "image_id": index[o["image_id"]], "category_id": classes.index(o["label"]) + 1 if o["label"] in classes else len(classes) + 1,
+            "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "score": o["score"],
+            "segmentation": {"size": [images[index[o["image_id"]]]["height"], images[index[o["image_id"]]]["width"]], "counts": o["mask"]},
+        })
+    return coco
+
+
+@dataclass(frozen=True)
+class DiscoverJob:
+    """Cuts and zero-shot names, wherever they run (mirage/run/runner.py): the
+    encoder (for naming) is loaded once per process; a batch is rows with
+    their patches and image."""
+
+    cfg: Discover
+    fcfg: Features
+    grid: tuple[int, int, int] = (0, 0, 0)
+
+    def load_key(self) -> tuple:
+        return ("discover", self.fcfg.encoder, self.fcfg.device, self.fcfg.dtype)
+
+    def load(self) -> Encoder:
+        return load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
+
+    def describe(self, encoder: Encoder) -> dict:
+        return {"model": model_fingerprint(encoder_spec(self.fcfg.encoder)), "has_text": encoder.has_text,
+                "computed_on": (encoder.device.type, compute_dtype(self.fcfg.dtype, encoder.device))}
+
+    def prepare(self, encoder: Encoder, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def compute(self, encoder: Encoder, rows: list[dict]) -> pa.Table:
+        return discover_batch(encoder, self.cfg, self.grid, rows)
+
+
+BATCH = 32  # images per discover batch: 10 for the 300 toy images, an even split over Dask workers

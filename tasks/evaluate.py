@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mirage.images import box_iou
+from mirage.data.images import box_iou, decode_png, draw_grid
+from mirage.data.params import Discover, Features, Params
+from mirage.data.store import read_table
+from mirage.models.devices import resolve_device
+from mirage.models.encoders import ImageEncoder, load_encoder, load_patch_backbone
+from mirage.models.fingerprint import encoder_spec
+from tasks.train_detector import load_detector, predict
 
 
 def corloc(pred_boxes: list[list[float]], gt_boxes: list[list[list[float]]], iou: float = 0.5) -> float:
@@ -59,7 +68,7 @@ def coco_segmentation(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Class-agnostic COCO mask evaluation: ground-truth masks as COCO RLE
     strings, detections with bool N x H x W "masks" and "scores"."""
-    from mirage.images import encode_mask
+    from mirage.data.images import encode_mask
 
     h, w = sizes
 
@@ -167,21 +176,142 @@ def detector_metrics(model, detections: list[dict[str, np.ndarray]], gt_boxes, s
     return result, pr
 
 
-def draw_grid(images: np.ndarray, gt: list, found: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
-    """PNG of images with ground truth (green), discovered (yellow) and detected (red) boxes."""
-    from PIL import Image, ImageDraw
 
-    tiles = []
-    for img, g, f, p in zip(images, gt, found, pred):
-        tile = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-        draw = ImageDraw.Draw(tile)
-        for color, boxes in (("lime", g), ("yellow", f), ("red", p)):
-            for x, y, w, h in boxes:
-                draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=color)
-        tiles.append(np.asarray(tile))
-    while len(tiles) % cols:
-        tiles.append(np.zeros_like(tiles[0]))
-    grid = np.concatenate([np.concatenate(tiles[r : r + cols], 1) for r in range(0, len(tiles), cols)], 0)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
+
+def load_test_split(test: str, classes: list[str]) -> dict:
+    """The ground truth: uint8 images N x H x W x 3, boxes (x, y, w, h px), masks (RLE), class ids."""
+    scenes = read_table(test, columns=["image", "objects"]).to_pylist()
+    return {
+        "images": np.stack([decode_png(r["image"]) for r in scenes]),
+        "boxes": [[o["box"] for o in r["objects"]] for r in scenes],
+        "masks": [[o["mask"] for o in r["objects"]] for r in scenes],
+        "labels": [[classes.index(o["class_name"]) + 1 if o["class_name"] in classes else 0 for o in r["objects"]]
+                   for r in scenes],
+    }
+
+
+@dataclass(frozen=True)
+class SplitDiscoveryJob:
+    """Discovery on evaluation images, patch features computed on the fly,
+    wherever it runs (mirage/run/runner.py); `random_seed`: the same backbone with
+    random weights (the baseline)."""
+
+    fcfg: Features
+    dcfg: Discover
+    generator: str
+    random_seed: int | None = None
+    methods: tuple[str, ...] = ()  # other cuts on the same features (TokenCut and MaskCut side by side)
+
+    def load_key(self) -> tuple:
+        f = self.fcfg
+        return ("split-discovery", f.encoder, f.device, f.dtype, f.patch_backbone, self.generator, self.random_seed)
+
+    def load(self):
+        encoder = load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
+        return load_patch_backbone(self.fcfg.patch_backbone, encoder, self.generator, random_seed=self.random_seed)
+
+    def describe(self, backbone) -> dict:
+        return {}
+
+    def prepare(self, backbone, images: np.ndarray) -> np.ndarray:
+        return images
+
+    def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]] | list[list[dict]]:
+        sizes = [images.shape[1:3]] * len(images)
+        if not self.methods:
+            return discovered_boxes(backbone, images, sizes, self.dcfg)
+        cfgs = [self.dcfg.model_copy(update={"method": m}) for m in self.methods]
+        return discovered_by_methods(backbone, images, sizes, cfgs)
+
+
+def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128):
+    """Discovered boxes per test image, in order, on the runner `run`; with
+    `job.methods`, {method: boxes per image}."""
+    batches = [images[start : start + batch] for start in range(0, len(images), batch)]
+    found = dict(run.map(job, batches)) if batches else {}
+    if not job.methods:
+        return [f for i in range(len(found)) for f in found[i]]
+    return {m: [f for i in range(len(found)) for f in found[i][k]] for k, m in enumerate(job.methods)}
+
+
+def detector_rounds(detector: str, gt: dict, score_thresh: float) -> tuple[list[dict], list[np.ndarray], list[dict]]:
+    """Metrics and PR curve of every self-training round's detector, and the last round's detections."""
+    rounds, curves, dets = [], [], []
+    size = gt["images"].shape[1:3]
+    for path in sorted(Path(detector).glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        model = load_detector(path)
+        dets = [{k: v[d["scores"] >= score_thresh] for k, v in d.items()} for d in predict(model, gt["images"])]
+        metrics, pr = detector_metrics(model, dets, gt["boxes"], size, gt["labels"], gt["masks"])
+        rounds.append(metrics)
+        curves.append(pr)
+    if not rounds:
+        raise FileNotFoundError(f"{detector} holds no round-K detector (run stage train_detector)")
+    return rounds, curves, dets
+
+
+def generation_alignment(encoder: ImageEncoder, images: str, features: str, cfg: Discover) -> tuple[float | None, int]:
+    """Share of generated images whose zero-shot class (configured encoder's
+    image embedding vs its text embeddings of the class prompts) is the
+    prompted one; None for an image-only encoder."""
+    classes = list(cfg.classes)
+    gen = read_table(images, columns=["id", "class_name"]).to_pylist()
+    if not encoder.has_text:
+        return None, len(gen)
+    emb = {r["id"]: r["embedding"] for r in read_table(features, columns=["id", "embedding"]).to_pylist()}
+    with torch.inference_mode():
+        text = encoder.encode_text([cfg.prompt_template.format(c) for c in classes]).float().cpu().numpy()
+    known = [r for r in gen if r["class_name"] in classes and r["id"] in emb]  # failed items have no features
+    image_emb = np.array([emb[r["id"]] for r in known], dtype=np.float32).reshape(len(known), -1)
+    return prompt_alignment(image_emb, text, [classes.index(r["class_name"]) for r in known]), len(gen)
+
+
+def pr_csv(curve: np.ndarray) -> bytes:
+    """A PR curve (precision at 101 recall points) as the CSV `dvc plots` draws."""
+    rows = "".join(f"{x:.2f},{p:.4f}\n" for x, p in zip(np.linspace(0, 1, 101), curve))
+    return ("recall,precision\n" + rows).encode()
+
+
+def evaluate(params: Params, run, test: str, images: str, features: str, detector: str,
+             ood: str | None = None) -> tuple[dict, list[np.ndarray], bytes]:
+    """The metrics (test split and, when `ood` holds scenes, the ood split
+    side by side), each round's PR curve and the example grid (PNG).  `run`:
+    a runner (mirage/run/runner.py `open_runner`) the splits' discovery is
+    mapped on."""
+    cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
+    gt = load_test_split(test, list(dcfg.classes))
+    splits = {"test": gt}
+    if ood and read_table(ood, columns=["key"]).num_rows:
+        splits["ood"] = load_test_split(ood, list(dcfg.classes))
+    encoder = load_encoder(encoder_spec(fcfg.encoder), resolve_device(fcfg.device), fcfg.dtype)
+    methods = tuple(dict.fromkeys([dcfg.method, "tokencut", "maskcut"]))  # the configured one first
+    both = {name: discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, methods=methods),
+                                 split["images"]) for name, split in splits.items()}
+    random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed), gt["images"])
+    learned = both["test"][dcfg.method]
+    size = gt["images"].shape[1:3]
+    found = discovery_metrics(learned, gt["boxes"], size, cfg.iou)
+    rounds, curves, dets = detector_rounds(detector, gt, cfg.score_thresh)
+    side_by_side = {}
+    for name, split in splits.items():
+        split_size = split["images"].shape[1:3]
+        side_by_side[name] = {
+            "images": len(split["images"]),
+            "discovery": {m: {k: v for k, v in discovery_metrics(both[name][m], split["boxes"], split_size, cfg.iou).items()
+                              if k in ("corloc", "ap50", "ap")} for m in methods},
+            "detector": [{k: r[k] for k in ("ap50", "ap")} for r in
+                         (rounds if name == "test" else detector_rounds(detector, split, cfg.score_thresh)[0])],
+        }
+    alignment, n_generated = generation_alignment(encoder, images, features, dcfg)
+    result = {
+        "discovery": {"method": dcfg.method, "backbone": fcfg.patch_backbone, "encoder": fcfg.encoder,
+                      "corloc": found["corloc"], "ap50": found["ap50"],
+                      "corloc_random_weights": discovery_metrics(random, gt["boxes"], size, cfg.iou)["corloc"]},
+        "detector": {**rounds[-1], "rounds": rounds},
+        "generation": {"prompt_alignment": alignment, "images": n_generated},
+        "test_images": len(gt["images"]),
+        "splits": side_by_side,
+    }
+    n = min(cfg.grid_images, len(gt["images"]))
+    top = [[d["boxes"][0].tolist()] if len(d["boxes"]) else [] for d in dets[:n]]
+    grid = draw_grid(gt["images"][:n], gt["boxes"][:n], [[top_box(f)] for f in learned[:n]], top)
+    return result, curves, grid

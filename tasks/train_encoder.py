@@ -5,11 +5,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers.optimization import get_cosine_schedule_with_warmup
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from mirage.models import Encoder, load_encoder
-from mirage.params import TrainEncoder
+from mirage.data.params import TrainEncoder
+from mirage.models.encoders import Encoder, load_encoder
 
 
 def train(
@@ -21,7 +21,7 @@ def train(
 ) -> Encoder:
     """images: uint8 N x H x W x 3, captions: N strings.  CLIP loss where every
     item with the same caption counts as a positive (toy captions repeat).
-    `checkpoints` (mirage.checkpoint): resume from the last one, save new ones."""
+    `checkpoints` (mirage.models.checkpoint): resume from the last one, save new ones."""
     encoder = load_encoder(f"random:{cfg.config}:{cfg.seed}", torch.device("cpu"))
     model = encoder.model.train()
     rng = np.random.default_rng(cfg.seed)

@@ -6,12 +6,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers.optimization import get_cosine_schedule_with_warmup
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from mirage.params import TrainGenerator
-from mirage.pipelines import ToyPipeline
+from mirage.data.params import TrainGenerator
+from mirage.models.toy_pipeline import ToyPipeline
 
 
 def build_unet(cfg: TrainGenerator, image_size: int, num_classes: int) -> UNet2DModel:
@@ -41,7 +41,7 @@ def train(
     checkpoints=None,
 ) -> ToyPipeline:
     """images: uint8 N x H x W x 3; labels: int N (index into class_names).
-    `checkpoints` (mirage.checkpoint): resume from the last one, save new ones."""
+    `checkpoints` (mirage.models.checkpoint): resume from the last one, save new ones."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     unet = build_unet(cfg, images.shape[1], len(class_names))

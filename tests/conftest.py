@@ -47,7 +47,7 @@ def make_project(parent: Path, values: dict) -> Path:
     models) with `values` set in its params.yaml, DVC-initialised."""
     from dvc.repo import Repo
 
-    from mirage.params import write_overrides
+    from mirage.data.params import write_overrides
 
     root = parent / "project"
     root.mkdir()
@@ -88,7 +88,8 @@ def finished(tmp_path_factory) -> Finished:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from mirage import pipeline
+    from flows import pipeline
+
 
     root = make_project(tmp_path_factory.mktemp("done"), TINY)
     first = pipeline.run(root)

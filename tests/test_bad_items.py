@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import ROOT
-from mirage import params as params_mod
-from mirage.store import ShardStore, TooManyErrors, read_errors, read_table, table_metadata
+
+from mirage.data import params as params_mod
+from mirage.data.store import (
+    ShardStore,
+    TooManyErrors,
+    read_errors,
+    read_table,
+    table_metadata,
+)
 
 BROKEN = {3: b"\x89PNG\r\n\x1a\n not really a PNG", 7: b""}  # row -> image bytes
 
@@ -72,7 +78,7 @@ def test_past_max_fraction_the_stage_fails_with_a_summary(done, params, tmp_path
 
 
 def test_non_finite_features_are_failed_items(done, params, tmp_path, monkeypatch):
-    import flows.features as stage
+    import tasks.features as stage
 
     real = stage.embed_batch
 
@@ -89,10 +95,10 @@ def test_non_finite_features_are_failed_items(done, params, tmp_path, monkeypatc
 
 
 def test_discovery_fails_images_without_an_object(done, params):
-    from flows.discover import discover_batch
-    from mirage.fingerprint import encoder_spec
-    from mirage.models import load_encoder
-    from mirage.store import Partial
+    from tasks.discover import discover_batch
+    from mirage.data.store import Partial
+    from mirage.models.encoders import load_encoder
+    from mirage.models.fingerprint import encoder_spec
 
     meta = table_metadata(done / "data" / "features")
     grid = tuple(int(v) for v in meta["grid"].split(","))

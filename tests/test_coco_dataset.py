@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mirage import params
 from mirage.cli import main as cli_main
+from mirage.data import params
+from mirage.data.images import mask_to_box
 from tasks.coco_dataset import load_coco
 from tasks.evaluate import coco_detection
 from tasks.toyworld import render_scene
 from tasks.train_detector import predict, save_detector, train
-from mirage.images import mask_to_box
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_eval_coco_names_what_is_missing(coco_dir, tmp_path, capsys):
 
 
 def test_eval_coco_discovery_corloc_matches_the_evaluate_stage(coco_dir, tmp_path):
-    from flows.evaluate import SplitDiscoveryJob, discover_split
-    from mirage.runner import LocalRunner
+    from tasks.evaluate import SplitDiscoveryJob, discover_split
+    from mirage.run.runner import LocalRunner
     from tasks.evaluate import corloc, top_box
 
     p = params.load("params.yaml")

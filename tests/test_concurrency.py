@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import yaml
-
 from conftest import UNFROZEN
-from mirage import pipeline
+
+from mirage.run import scheduler
 
 
 def env() -> dict[str, str]:
-    from mirage.server import configured_api
+    from mirage.run.server import configured_api
 
     return {**{k: v for k, v in os.environ.items() if not k.startswith("MIRAGE_FAULT")},
             "PREFECT_API_URL": configured_api(),  # the session's test server
@@ -59,11 +59,11 @@ def test_second_mirage_run_exits_and_touches_nothing(project, tmp_path):
     assert (project / "params.yaml").read_bytes() == params  # tau not written beside the first run
     assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert dvc_clean(project) == {}  # every output is what dvc.lock recorded
-    assert pipeline.stale(project) == {}
+    assert scheduler.stale(project) == {}
 
 
 def test_mirage_run_beside_dvc_repro(project, tmp_path):
-    from mirage.params import write_overrides
+    from mirage.data.params import write_overrides
 
     write_overrides(project / "params.yaml", {"generate.per_prompt": 9})
     repro = start(project, "-m", "dvc", "repro", log=tmp_path / "repro.log")

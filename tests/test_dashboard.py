@@ -12,11 +12,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from conftest import UNFROZEN
 from PIL import Image
 
-from conftest import UNFROZEN
-from mirage import params as params_mod
 from mirage.cli import main as cli_main
+from mirage.data import params as params_mod
 
 OUTPUTS = {  # DVC outputs of the stages that ran, and one upstream asset each must name
     "data/toyworld": None,
@@ -132,8 +132,8 @@ def webhook():
 
 
 def test_a_failed_run_names_stage_items_and_cause_and_posts_the_webhook(project, webhook, monkeypatch, capsys):
-    import flows.generate
-    from mirage.store import read_table
+    import tasks.generate
+    from mirage.data.store import read_table
 
     url, received = webhook
     params_mod.write_overrides(project / "params.yaml", {"alerts.webhook": url})
@@ -141,7 +141,7 @@ def test_a_failed_run_names_stage_items_and_cause_and_posts_the_webhook(project,
     def broken(*args, **kwargs):
         raise RuntimeError("injected: the sampler blew up")
 
-    monkeypatch.setattr(flows.generate, "sample", broken)
+    monkeypatch.setattr(tasks.generate, "sample", broken)
     assert cli_main(["--root", str(project), "run", "-S", "generate.per_prompt=9"]) == 1
     err = capsys.readouterr().err
     assert "stage generate failed: RuntimeError: injected: the sampler blew up" in err

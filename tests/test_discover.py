@@ -1,7 +1,7 @@
-import pytest
 import numpy as np
+import pytest
 
-from mirage.images import decode_mask, encode_mask
+from mirage.data.images import decode_mask, encode_mask
 from tasks.discover import cut_to_object, maskcut, second_eigenvector, tokencut
 
 

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from mirage import pipeline
+
+from flows import pipeline
 
 
 def sh(root: Path, *cmd: str) -> str:

@@ -1,4 +1,4 @@
-"""Crash-resume by real SIGKILL (mirage/faults.py): a stage process killed at
+"""Crash-resume by real SIGKILL (mirage/run/faults.py): a stage process killed at
 each named point resumes without redoing finished items, ends byte-identical
 to an uninterrupted run, leaves no temp file, and readers never see a
 half-written file."""
@@ -17,15 +17,16 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import ROOT
-from mirage.stage import RESULT
-from mirage.store import MANIFEST, WORK, read_table
+
+from mirage.data.store import MANIFEST, WORK, read_table
+from mirage.run.stage import RESULT
 
 # one tiny stage process: a store filling 10 items in batches of 3
 STORE_SCRIPT = """
 import sys, pyarrow as pa
-from mirage.store import ShardStore
+import mirage.run.faults  # the harness: MIRAGE_FAULT acts at the store's interruption points
+from mirage.data.store import ShardStore
 schema = pa.schema([("key", pa.string()), ("value", pa.int64())])
 def compute(specs):
     print("computed", *specs, flush=True)
@@ -85,7 +86,7 @@ def test_store_killed_at_each_point_resumes_exactly(tmp_path, fault, finished):
 
 
 def test_model_directory_killed_mid_swap_is_rebuilt_without_leftovers(tmp_path):
-    script = ("import sys; from pathlib import Path; from mirage.store import atomic_dir\n"
+    script = ("import sys; from pathlib import Path; import mirage.run.faults; from mirage.data.store import atomic_dir\n"
               "with atomic_dir(Path(sys.argv[1])) as tmp: (tmp / 'weights').write_text(sys.argv[2])\n")
     out = tmp_path / "model"
 
@@ -123,7 +124,7 @@ def stage_command(root: Path, stage: str) -> list[str]:
 
 
 def run_stage(root: Path, stage: str, fault: str = "") -> subprocess.CompletedProcess:
-    from mirage.server import configured_api
+    from mirage.run.server import configured_api
 
     env = {k: v for k, v in os.environ.items() if k not in ("MIRAGE_FAULT", "MIRAGE_FAULT_MARKER")}
     env["PREFECT_API_URL"] = configured_api()  # the session's test server: no temporary server per process
@@ -212,7 +213,7 @@ def test_training_killed_resumes_from_its_checkpoint_byte_identical(done, tmp_pa
     at step 25 of round 1 resumes there (checkpoints every 20 steps); killed
     while its model directory is swapped in, the rerun trains nothing; both
     end with the uninterrupted run's bytes and no temp or checkpoint left."""
-    from mirage.params import write_overrides
+    from mirage.data.params import write_overrides
 
     root = tmp_path / "project"
     shutil.copytree(done, root, symlinks=True)
@@ -238,7 +239,7 @@ def test_toy_model_training_killed_resumes_from_its_checkpoint(done, tmp_path, s
     """The frozen toy models' trainings (tiny: 2 steps, a checkpoint after each)
     killed at their second step resume at step 1 and save the bytes an
     uninterrupted training saves."""
-    from mirage.params import write_overrides
+    from mirage.data.params import write_overrides
 
     root = tmp_path / "project"
     shutil.copytree(done, root, symlinks=True)

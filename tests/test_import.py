@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, make_project
 from PIL import Image
 
-from conftest import TINY, make_project
-
-from mirage.images import decode_png
-from mirage.params import ParamsError, Sources, load
-from mirage.store import read_errors, read_table
+from mirage.data.images import decode_png
+from mirage.data.params import ParamsError, Sources, load
+from mirage.data.store import read_errors, read_table
 
 
 def picture(h: int, w: int, seed: int) -> np.ndarray:
@@ -75,7 +74,7 @@ def test_import_folder_rows_orientation_errors_duplicates_and_one_new_file(tmp_p
 
 
 def test_bad_source_entries_are_named(tmp_path):
-    from tasks.sources import find_files
+    from mirage.data.sources import find_files
 
     (tmp_path / "empty").mkdir()
     for entries, named in [(("missing",), "sources.images[0] 'missing': no such file"),
@@ -88,7 +87,7 @@ def test_bad_source_entries_are_named(tmp_path):
 
 
 def test_mix_weights_share_batches_between_sources():
-    from flows.train_detector import mix_weights
+    from tasks.train_detector import mix_weights
 
     sources = ["generated"] * 6 + ["imported"] * 2
     keep, p = mix_weights(sources, {"generated": 1.0, "imported": 1.0})
@@ -111,7 +110,8 @@ def ood_folder(folder: Path, n: int) -> None:
 
 
 def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
-    from mirage import pipeline
+    from flows import pipeline
+    from mirage.run import scheduler
 
     root = make_project(tmp_path, {**TINY, "sources": {"images": ["unlabeled"]},
                                    "discover": {"sources": ["imported"], "method": "maskcut"},
@@ -140,10 +140,10 @@ def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
     assert (root / "models" / "detector" / "round-0" / "model.safetensors").read_bytes() != first
 
     Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(root / "unlabeled" / "extra.png")
-    assert "import" in pipeline.stale(root)  # DVC sees params only: mirage rescans the files
+    assert "import" in scheduler.stale(root)  # DVC sees params only: mirage rescans the files
     ran = {r.name: r for r in pipeline.run(root)}
     assert ran["import"].result["computed"] == 1 and ran["features"].result["computed"] == 1
-    assert pipeline.stale(root) == {}
+    assert scheduler.stale(root) == {}
 
 
 def test_imported_method_cuts_imported_images_only_and_leaves_generated_keys_alone():

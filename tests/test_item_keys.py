@@ -15,7 +15,7 @@ from flows.discover import discover_flow
 from flows.features import features_flow
 from flows.generate import generate_flow
 from flows.toyworld import toyworld_flow
-from mirage import params as params_mod
+from mirage.data import params as params_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = str(ROOT / "models" / "generator")
@@ -100,7 +100,7 @@ def test_a_parameter_recomputes_exactly_the_items_it_changes(base, tmp_path, mon
     ("timm:vit_small_patch16_224.dino", "timm/vit_small_patch16_224.dino"),
 ])
 def test_a_hub_model_is_keyed_by_the_revision_it_was_loaded_from(tmp_path, monkeypatch, spec, repo):
-    from mirage.fingerprint import model_fingerprint
+    from mirage.models.fingerprint import model_fingerprint
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     assert model_fingerprint(spec) == spec  # not downloaded: the name alone

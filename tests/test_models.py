@@ -2,17 +2,23 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
-from mirage import params
-from mirage.generators import GenerationItem, load_generator
-from mirage.models import load_encoder, save_encoder
-from mirage.pipelines import ToyPipeline
+from mirage.data import params
+from mirage.models.encoders import load_encoder, save_encoder
+from mirage.models.generators import GenerationItem, load_generator
+from mirage.models.toy_pipeline import ToyPipeline
 from tasks.generate import item_seed
 from tasks.train_detector import (
-    DetectorConfig, build_detector, load_detector, merge_predictions, predict, save_detector, train,
+    DetectorConfig,
+    build_detector,
+    load_detector,
+    merge_predictions,
+    predict,
+    save_detector,
+    train,
 )
 from tasks.train_generator import build_unet
-from diffusers import DDIMScheduler
 
 CPU = torch.device("cpu")
 rng = np.random.default_rng(0)
@@ -165,7 +171,7 @@ def test_detector_trains_with_copy_paste():
 
 
 def test_mask_rcnn_learns_masks_roundtrips_and_self_trains(tmp_path):
-    from mirage.images import encode_mask
+    from mirage.data.images import encode_mask
 
     cfg = params.load("params.yaml").train_detector.model_copy(
         update={"steps": 40, "batch_size": 4, "lr": 0.01, "masks": True, "copy_paste": 0.5})
@@ -194,7 +200,7 @@ def test_mask_rcnn_learns_masks_roundtrips_and_self_trains(tmp_path):
 
 
 def test_mask_ap_against_hand_computed_cases():
-    from mirage.images import encode_mask
+    from mirage.data.images import encode_mask
     from tasks.evaluate import coco_segmentation
 
     gt = np.zeros((32, 32), dtype=bool)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mirage import params
+from mirage.data import params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from mirage import pipeline
-from mirage.cli import main as cli_main
-from mirage.store import read_table
-
 from conftest import FROZEN, UNFROZEN
+
+from flows import pipeline
+from mirage.cli import main as cli_main
+from mirage.data.store import read_table
+from mirage.run import scheduler
 
 # Quality bands for the small config of conftest.TINY (40 test scenes, 24
 # generated images, 60 + 30 detector steps), with the committed toy models.
@@ -52,7 +52,7 @@ def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
 
 def test_nothing_stale_runs_nothing(project, capsys):
     assert ran(pipeline.run(project)) == []
-    assert pipeline.stale(project) == {}
+    assert scheduler.stale(project) == {}
     assert cli_main(["--root", str(project), "status"]) == 0
     assert "nothing stale" in capsys.readouterr().out
 
@@ -65,7 +65,7 @@ def test_one_key_change_status_names_it_and_what_runs_and_only_that_reruns(proje
     assert "discover: stale\n  param discover.tau: 0.8 -> 0.3\n" in out
     assert "evaluate: stale\n  param discover.tau: 0.8 -> 0.3\n" in out  # evaluate reads discover.* too
     assert "then, as their inputs change: train_detector\n" in out
-    status = pipeline.explain(project)
+    status = scheduler.explain(project)
     before = {p.name: p.read_bytes() for p in (project / "data/features").glob("*.parquet")}
     again = pipeline.run(project)
     assert set(ran(again)) == set(status.stale) | set(status.downstream) == {"discover", "train_detector", "evaluate"}
@@ -90,7 +90,7 @@ def test_dvc_repro_alone_runs_a_stage_and_agrees_with_mirage(project):
     assert "Running stage 'discover'" in done.stdout
     # same params, same inputs: dvc repro reproduces mirage's outputs byte for byte
     assert (project / "dvc.lock").read_text() == before
-    assert pipeline.stale(project) == {}
+    assert scheduler.stale(project) == {}
 
 
 def test_frozen_models_are_named_when_missing(tiny_project, capsys):
@@ -126,5 +126,5 @@ def test_mirage_train_retrains_a_frozen_model_and_records_it(project):
     assert cli_main(["--root", str(project), "train", "encoder"]) == 0
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert "train_encoder" in lock and "train_generator" not in lock
-    assert pipeline.stale(project) == {}
+    assert scheduler.stale(project) == {}
     assert cli_main(["--root", str(project), "train", "decoder"]) == 2

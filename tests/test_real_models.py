@@ -9,11 +9,12 @@ import torch
 
 from flows.features import features_flow
 from flows.generate import generate_flow
-from mirage import params, random_models
-from mirage.fingerprint import encoder_spec
-from mirage.generators import GenerationItem, load_generator
-from mirage.models import load_encoder
-from mirage.store import read_table, table_metadata
+from mirage import random_models
+from mirage.data import params
+from mirage.data.store import read_table, table_metadata
+from mirage.models.encoders import load_encoder
+from mirage.models.fingerprint import encoder_spec
+from mirage.models.generators import GenerationItem, load_generator
 from tasks.generate import item_seed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mirage import pipeline
-from mirage.store import read_table
-
 from conftest import UNFROZEN
+
+from flows import pipeline
+from mirage.data.store import read_table
+from mirage.run import scheduler
 
 
 def counts(results) -> dict:
@@ -69,7 +69,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     images = read_table(root / "data/generated").to_pylist()
     assert {r["model"].split("@")[0] for r in images} == {"sd"}
     # the naming encoder is the configured one: discovery keys carry its fingerprint
-    from mirage.store import table_metadata
+    from mirage.data.store import table_metadata
     assert table_metadata(root / "data/discovery")["model"].startswith("vit-b-32@")
     assert table_metadata(root / "data/features")["grid"] == "7,7,768"
 
@@ -88,6 +88,6 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     assert {r.name for r in back if r.restored} == {"train_detector", "evaluate"}
     assert (root / "metrics/evaluate.json").read_text() == toy_metrics
     assert (root / "dvc.lock").read_text() == toy_lock
-    assert pipeline.stale(root) == {}
+    assert scheduler.stale(root) == {}
     leftovers = [p for p in root.rglob("*") if ".work" in p.parts or ".tmp-" in p.name]
     assert leftovers == []

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
 from conftest import ROOT, TINY, flatten
-from mirage import cli, faults
-from mirage import params as params_mod
-from mirage.store import DiskFull, ShardStore, read_table
+
+from mirage import cli
+from mirage.data import params as params_mod
+from mirage.data.store import DiskFull, ShardStore, read_table
+from mirage.run import faults
 
 SCHEMA = pa.schema([("key", pa.string()), ("blob", pa.binary())])
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FROZEN, ROOT, TINY, UNFROZEN, flatten, make_project
-from mirage import params as params_mod
-from mirage.runner import shared_cluster
+
+from mirage.data import params as params_mod
+from mirage.run.runner import shared_cluster
 
 # 30 images in batches of 4: 8 batches for generate and for features
 SMALL = flatten({**TINY, "generate": {"per_prompt": 10, "steps": 5, "batch_size": 4}, "features": {"batch_size": 4}}) | {
@@ -85,7 +85,10 @@ def test_a_killed_worker_costs_no_batch_and_no_byte(local_outputs, tmp_path, mon
 def stage_runs(flow_run_id: str) -> dict[str, tuple]:
     """Child flow runs of a pipeline run: stage name -> (start, end)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -111,7 +114,7 @@ def test_independent_stages_run_at_the_same_time(tmp_path):
     committed model): the pipeline run starts them together, and their flow
     runs overlap.  dvc.lock ends byte-identical to a run that takes one stage
     at a time."""
-    from mirage import pipeline
+    from flows import pipeline
 
     values = TINY | {"toyworld": {"train": {"n": 4000}, "test": {"n": 40}}}  # toyworld long enough to see
     (tmp_path / "parallel").mkdir()
@@ -167,7 +170,7 @@ def test_remote_push_then_a_fresh_clone_pulls_and_runs_nothing(finished, tmp_pat
     assert re.search(r"pulled [1-9]\d* file", said) and "nothing stale" in said, said
     with Repo(str(clone)) as repo:
         assert repo.status() == {}
-    from mirage import pipeline
+    from flows import pipeline
 
     assert not any(r.ran for r in pipeline.run(clone))
     assert digests(clone / "data") == digests(source / "data")

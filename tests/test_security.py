@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 
@@ -29,7 +28,7 @@ def evil_checkpoint(path: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
 
 
 def test_malicious_training_checkpoint_is_refused(tmp_path):
-    from mirage.checkpoint import Checkpoints
+    from mirage.models.checkpoint import Checkpoints
 
     marker = tmp_path / "pwned"
     ckpt = Checkpoints("train_detector", "k", every=10, root=tmp_path)
@@ -41,7 +40,7 @@ def test_malicious_training_checkpoint_is_refused(tmp_path):
 
 def test_malicious_encoder_weights_are_refused(tmp_path):
     """An open_clip encoder directory whose weights are a pickle (not safetensors)."""
-    from mirage.models import load_encoder
+    from mirage.models.encoders import load_encoder
 
     marker = tmp_path / "pwned"
     enc = tmp_path / "encoder"
@@ -58,7 +57,7 @@ def test_malicious_encoder_weights_are_refused(tmp_path):
 
 
 def test_stage_commands_never_reach_a_shell(tmp_path):
-    from mirage.pipeline import stage_module
+    from flows.pipeline import stage_module
 
     marker = tmp_path / "pwned"
     with pytest.raises(ValueError, match="is not 'python -m flows.<stage>"):
@@ -74,8 +73,8 @@ def test_stage_commands_never_reach_a_shell(tmp_path):
 
 def test_servers_and_workers_listen_on_this_machine_only():
     from mirage import cli
-    from mirage.params import Runner
-    from mirage.runner import cluster_kwargs
+    from mirage.data.params import Runner
+    from mirage.run.runner import cluster_kwargs
 
     parser_defaults = {}
 

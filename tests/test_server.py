@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, UNFROZEN
 
 MIRAGE = [sys.executable, "-m", "mirage.cli"]
@@ -227,7 +226,7 @@ def test_a_run_cancelled_from_the_ui_stops_and_the_next_run_resumes(server):
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
-    from mirage.store import read_table
+    from mirage.data.store import read_table
 
     assert read_table(server.root / "data/generated").num_rows == 24  # readers still see the last whole table
     out = server.mirage("run")

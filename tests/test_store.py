@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from mirage.store import ShardStore, atomic_dir, read_table
+from mirage.data.store import ShardStore, atomic_dir, read_table
 
 SCHEMA = pa.schema([("key", pa.string()), ("value", pa.int64())])
 

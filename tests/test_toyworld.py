@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirage import params
-from mirage.images import box_iou, mask_to_box
+from mirage.data import params
+from mirage.data.images import box_iou, mask_to_box
 from tasks.toyworld import check_names, render_scene
 
 CFG = params.load(Path(__file__).resolve().parents[1] / "params.yaml").toyworld
@@ -63,7 +63,7 @@ def test_ood_split_is_deterministic_and_disjoint_in_shape_family_from_train():
 
 
 def test_ood_keys_leave_the_other_splits_alone():
-    from flows.toyworld import scene_key
+    from tasks.toyworld import scene_key
 
     assert CFG.split_digest("train") == CFG.model_copy(update={"ood": None}).split_digest("train")
     with_world = CFG.ood.model_copy(update={"shapes": None, "textures": None})

@@ -94,9 +94,9 @@ def start_temporary_server() -> str | None:
     return temp.api_url
 
 
-def serve(root: str | Path, host: str, port: int) -> int:
+def run_server(root: str | Path, host: str, port: int) -> int:
     """Run `prefect server start` in the foreground until interrupted."""
-    from mirage.store import atomic_write_json
+    from mirage.data.store import atomic_write_json
 
     root = Path(root).resolve()
     api = f"http://{host}:{port}/api"

@@ -42,10 +42,21 @@ from typing import Any, Callable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mirage import faults
 
 MANIFEST = "manifest.json"
 WORK = ".work"
+
+# Named places where a run may be cut short (a kill between two writes).  The
+# store only calls the hooks: mirage/run/faults.py registers the test
+# harness's fault injection (MIRAGE_FAULT) when a stage command starts, so
+# this module, a dep of every stage, never imports runtime code.
+INTERRUPTION_HOOKS: list[Callable[[str], None]] = []
+
+
+def interruption_point(name: str) -> None:
+    """Let the registered hooks act at the named point (no hook: nothing happens)."""
+    for hook in INTERRUPTION_HOOKS:
+        hook(name)
 
 
 def item_key(*parts: Any) -> str:
@@ -103,7 +114,7 @@ def writing(path: Path) -> Iterator[Path]:
     tmp = temp_name(path)
     try:
         yield tmp
-        faults.point("write")
+        interruption_point("write")
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -117,11 +128,11 @@ def writing(path: Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
     """Write to a temp name, then rename: readers see the old file or the new one.
-    `fault`: the fault-injection point between the two (tests, mirage/faults.py)."""
+    `fault`: the interruption point between the two (see `interruption_point`)."""
     with writing(path) as tmp:
         tmp.write_bytes(data)
         if fault:
-            faults.point(fault)
+            interruption_point(fault)
 
 
 def atomic_write_json(path: Path, obj: Any, fault: str = "") -> None:
@@ -306,7 +317,7 @@ class ShardStore:
         the batch's specs, or `prepare(specs)` when `prepare` is given (run
         in a background thread, `prefetch` batches ahead).  Or `run(batches)`
         yields (index, table) for every batch of specs, in any order (a runner,
-        mirage/runner.py): the output is the same whatever order they come in.
+        mirage/run/runner.py): the output is the same whatever order they come in.
         A batch's result may be a `Partial`: its failed items are left out of
         the table and listed in `errors.parquet` beside the shards; past
         `max_error_fraction` of the wanted items, TooManyErrors is raised
@@ -354,13 +365,13 @@ class ShardStore:
             got = table.column("key").to_pylist()
             if got != [k for k, _ in chunk if k not in failed]:
                 raise RuntimeError(f"compute returned keys out of order for {self.root}")
-            faults.point("batch")  # computed, not saved: the batch is redone
+            interruption_point("batch")  # computed, not saved: the batch is redone
             if got:
                 path = work / f"batch-{item_key(got)}.parquet"
                 write_parquet(path, table.cast(self.schema), self.options)
                 for row, key in enumerate(got):
                     index[key] = (path, row)
-            faults.point("batch-saved")
+            interruption_point("batch-saved")
             if progress:
                 progress(len(chunk))
         reused = len(wanted) - len(missing)
@@ -459,7 +470,7 @@ class ShardStore:
             stage = self.metadata.get("stage", "")
             rows = [{"key": k, "id": item, "stage": stage, "reason": why} for k, (item, why) in failed.items()]
             write_parquet(self.root / ERRORS, pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
-        faults.point("shards-written")
+        interruption_point("shards-written")
         atomic_write_json(self.root / MANIFEST, {"shards": shards}, fault="manifest-replace")
         keep = {s["file"] for s in shards} | {MANIFEST} | ({ERRORS} if failed else set()) | self.sidecars
         for entry in self.root.iterdir():
@@ -581,6 +592,6 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     old = temp_name(out, "old")
     if out.exists():
         out.rename(old)
-    faults.point("model-swap")  # killed here, `out` is missing: its stage is stale and reruns
+    interruption_point("model-swap")  # killed here, `out` is missing: its stage is stale and reruns
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)

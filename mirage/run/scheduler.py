@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import json
-import shlex
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirage import params as params_mod
-
-
-from mirage.locks import PipelineError, WorkspaceBusy, run_lock  # noqa: F401 - part of this module's API
+from mirage.data import params as params_mod
+from mirage.run.locks import (  # noqa: F401 - part of this module's API
+    PipelineError,
+    WorkspaceBusy,
+    run_lock,
+)
 
 
 @dataclass
@@ -34,7 +34,7 @@ class StageResult:
     restored: bool = False  # outputs checked out from DVC's run-cache instead of computed
 
 
-def _repo(root: Path):
+def open_repo(root: Path):
     from dvc.repo import Repo
 
     return Repo(str(root))
@@ -74,7 +74,7 @@ def stale(root: Path) -> dict[str, list[str]]:
     """What `dvc status` says, by stage name, frozen stages left out: they
     never run by themselves (a changed committed model shows as a changed
     input of the stages that read it)."""
-    with _repo(root) as repo:
+    with open_repo(root) as repo:
         return stale_in(repo)
 
 
@@ -96,7 +96,7 @@ def source_changes(repo, stage=None) -> dict[str, list[str]]:
     removed since the stage ran: DVC sees its params, not the files (a folder
     or glob outside the repo), so mirage compares a scan of names, sizes and
     times with the one the stage recorded."""
-    from tasks.sources import sources_changed
+    from mirage.data.sources import sources_changed
 
     stage = stage or next((s for s in repo.index.stages if s.name == IMPORT), None)
     if stage is None or stage.name != IMPORT or not stage.outs:
@@ -154,7 +154,7 @@ def in_words(changes: list, stage=None, current: dict | None = None) -> list[str
                     words += [f"param {line}" for line in keys] or [f"params changed: {state}"]
                 elif kind == "changed outs":
                     words.append(f"output {path}: {state}")
-                elif path.endswith(".py") or path.startswith("mirage/model_configs"):
+                elif path.endswith(".py") or path.startswith("mirage/models/model_configs"):
                     words.append(f"code {path}: {state}")
                 else:
                     words.append(f"input {path}: {state}")
@@ -173,11 +173,10 @@ def explain(root: Path) -> Status:
     changed parameter keys, and the stages downstream of the stale ones."""
     import networkx as nx
     import yaml
-
     from dvc.repo import lock_repo
 
     current = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    with _repo(root) as repo, lock_repo(repo):
+    with open_repo(root) as repo, lock_repo(repo):
         stages = {s.name: s for s in stage_order(repo)}
         why = {}
         for name, stage in stages.items():
@@ -201,21 +200,6 @@ def explain(root: Path) -> Status:
             later |= {s.name for s in nx.ancestors(graph, stages[name]) if s.cmd}
         downstream = [n for n in stages if n in later and n not in why and not stages[n].frozen]
     return Status({n: why[n] for n in stages if n in why}, downstream, frozen)
-
-
-def stage_module(cmd: str):
-    """The module of a `python -m flows.X ARGS` command from dvc.yaml, imported, and ARGS."""
-    argv = shlex.split(cmd)
-    if len(argv) < 3 or argv[:2] != ["python", "-m"] or not argv[2].startswith("flows."):
-        raise ValueError(f"stage command {cmd!r} is not 'python -m flows.<stage> ...'")
-    return importlib.import_module(argv[2]), argv[3:]
-
-
-def run_stage_inprocess(cmd: str):
-    """Run `python -m flows.X ARGS` from dvc.yaml in this process (never via a
-    shell); returns what the stage's flow returned."""
-    module, args = stage_module(cmd)
-    return module.main(args)
 
 
 def restore_from_run_cache(repo, stage) -> bool:
@@ -266,7 +250,7 @@ def workspace_lock(repo):
 
 def check_dvc_free(root: Path) -> None:
     """WorkspaceBusy if `dvc repro` (or anything holding DVC's lock) runs here now."""
-    with _repo(root) as repo, workspace_lock(repo):
+    with open_repo(root) as repo, workspace_lock(repo):
         pass
 
 
@@ -276,9 +260,9 @@ def upstream_stages(repo, stages: list) -> dict[str, set[str]]:
     return {s.name: {u.name for u in graph.successors(s) if u.cmd} for s in stages}
 
 
-def _timed_stage(cmd: str) -> tuple[object, float]:
+def _timed_stage(run_stage, cmd: str) -> tuple[object, float]:
     start = time.perf_counter()
-    output = run_stage_inprocess(cmd)
+    output = run_stage(cmd)
     return output, time.perf_counter() - start
 
 
@@ -288,7 +272,7 @@ def _stage_threads(n: int):
     interrupted (a cancelled run's SIGTERM, Ctrl-C), the stages running in it
     stop at their next progress step (finished batches stay in their work
     areas) instead of running on to their end while the process waits."""
-    from mirage.stage import STOP
+    from mirage.run.stage import STOP
 
     pool = ThreadPoolExecutor(n, thread_name_prefix="mirage-stage")
     try:
@@ -301,11 +285,13 @@ def _stage_threads(n: int):
         STOP.clear()  # the stages have ended: the next run starts clean
 
 
-def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
-               params: params_mod.Params | None = None) -> list[StageResult]:
+def run_stages(root: Path, run_stage, force: bool = False, train: tuple[str, ...] = (), on_stage=None,
+               params: params_mod.Params | None = None, load_stage=None) -> list[StageResult]:
     """Run every stale stage in this process, each recorded in dvc.lock as it
     finishes (`dvc commit`); `on_stage(repo, stage, result)` is called after
-    each one that ran.  Stale stages whose upstream stages are done start at
+    each one that ran; `run_stage(cmd)` runs a dvc.yaml command in this
+    process and `load_stage(cmd)` imports its code first (flows/pipeline.py
+    gives both: this module never imports stage code).  Stale stages whose upstream stages are done start at
     once, up to `runner.parallel_stages` at a time, each in a thread; DVC's
     status, commits and run-cache stay in this thread, under DVC's repo lock,
     and stages are committed in dvc.yaml order, so dvc.lock ends exactly as a
@@ -313,14 +299,14 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
     checked first when something is to run (a no-op stays as cheap as `dvc
     status`).  Call inside a Prefect flow: each stage's flow is then its child
     flow run, and with `runner.kind: dask` they share one cluster."""
-    from mirage.model_checks import check_models
-    from mirage.runner import shared_cluster
+    import yaml
     from prefect import get_run_logger
 
-    import yaml
+    from mirage.models.checks import check_models
+    from mirage.run.runner import shared_cluster
 
     log = get_run_logger()
-    repo = _repo(Path(root))
+    repo = open_repo(Path(root))
     with workspace_lock(repo):
         order = stage_order(repo)
         if not force and not train and not stale_in(repo):
@@ -331,8 +317,8 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
         current = yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
         upstream = upstream_stages(repo, order)
         for stage in order:  # imported here, once: stages side by side then start together, not an import apart
-            if not stage.frozen or stage.name in train:
-                stage_module(stage.cmd)
+            if load_stage and (not stage.frozen or stage.name in train):
+                load_stage(stage.cmd)
         results: dict[str, StageResult] = {}  # decided and, if it ran, committed
         finished: dict[str, StageResult] = {}  # ran, not yet committed
         done: set[str] = set()  # outputs final: downstream stages may start
@@ -359,7 +345,7 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
                 done.add(stage.name)
                 return
             # the child flow runs in a thread with this flow run's context, so it is a child flow run
-            running[pool.submit(contextvars.copy_context().run, _timed_stage, stage.cmd)] = (stage, why)
+            running[pool.submit(contextvars.copy_context().run, _timed_stage, run_stage, stage.cmd)] = (stage, why)
 
         def start_ready() -> None:
             progress = True
@@ -419,47 +405,20 @@ def run_stages(root: Path, force: bool = False, train: tuple[str, ...] = (), on_
 def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = ()) -> params_mod.Params:
     """Apply `-S` overrides to params.yaml and validate it; check the models
     when the overrides change it (before params.yaml does).  Run in the root."""
-    from mirage.model_checks import check_models
+    from mirage.models.checks import check_models
 
     params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
     if overrides and params != params_mod.load("params.yaml"):  # a scheduled run's overrides are set once
         check_models(params)  # and models that cannot be loaded, before params.yaml changes
         check_dvc_free(root)  # `dvc repro` running here would record the new values as its own
         params_mod.write_overrides("params.yaml", overrides)
-    with _repo(root) as repo:
+    with open_repo(root) as repo:
         frozen = {s.name for s in repo.index.stages if s.frozen}
         if set(train) - frozen:
             raise PipelineError(f"not a frozen training stage: {sorted(set(train) - frozen)} (frozen: {sorted(frozen)})")
         if not train:
             check_frozen_outputs(repo)
     return params
-
-
-def run(root: str | Path = ".", overrides: dict | None = None, force: bool = False,
-        train: tuple[str, ...] = ()) -> list[StageResult]:
-    """Apply `-S` overrides to params.yaml, validate it, then run what is stale
-    as one `mirage-pipeline` flow run (reported to the project's `mirage
-    server` when it is up).  `train` names frozen stages (train_generator,
-    train_encoder) to rerun too; `force` reruns every stage that is not frozen."""
-    from mirage.server import connect
-
-    root = Path(root).resolve()
-    with contextlib.chdir(root), run_lock(root):
-        prepare(root, overrides, train)  # validates, checks changed models, writes the overrides
-        if not force and not train:
-            from dvc.lock import LockError
-
-            try:
-                nothing = not stale(root)
-            except LockError:  # a run in progress
-                raise busy(root) from None
-            if nothing:
-                with _repo(root) as repo:
-                    return [StageResult(s.name, ran=False) for s in stage_order(repo)]
-        connect(root)
-        from flows.pipeline import mirage_pipeline
-
-        return mirage_pipeline(str(root), force=force, train=list(train))
 
 
 def summary(root: str | Path, results: list[StageResult], seconds: float) -> str:

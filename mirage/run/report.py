@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from mirage import params as params_mod
+from mirage.data import params as params_mod
 
 SUMMARY_KEY = "mirage-summary"
 METRICS_KEY = "mirage-metrics"
@@ -240,9 +240,8 @@ def discoveries_sheet(root: Path, n: int = 16) -> bytes | None:
     """Generated images with their discovered boxes (yellow), as one PNG."""
     import numpy as np
 
-    from mirage.images import decode_png
-    from mirage.store import read_table
-    from tasks.evaluate import draw_grid
+    from mirage.data.images import decode_png, draw_grid
+    from mirage.data.store import read_table
 
     try:
         images = read_table(root / "data/generated", columns=["id", "image"]).slice(0, n).to_pylist()
@@ -260,7 +259,11 @@ def discoveries_sheet(root: Path, n: int = 16) -> bytes | None:
 
 def publish(root: Path, results: list, seconds: float, previous: dict | None, tags: list[str]) -> None:
     """The run's artifacts: summary, metrics table, pictures."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     metrics = read_metrics(root)
     markdown = summary_markdown(results, seconds, metrics, previous, tags)

@@ -63,3 +63,14 @@ def point(name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {name})")
     else:
         raise ValueError(f"MIRAGE_FAULT={wanted!r}: unknown action {action!r} (kill, raise, oom, enospc)")
+
+
+def install() -> None:
+    """Act at the store's interruption points too (mirage.data.store), once per process."""
+    from mirage.data import store
+
+    if point not in store.INTERRUPTION_HOOKS:
+        store.INTERRUPTION_HOOKS.append(point)
+
+
+install()  # every stage command, runner and worker imports this module before any store writes

@@ -36,7 +36,7 @@ class Checkpoints:
         """(step, state) of the round's last checkpoint, or None."""
         import torch
 
-        from mirage.store import sweep_temps
+        from mirage.data.store import sweep_temps
 
         sweep_temps(self.folder)  # a checkpoint the kill interrupted
         found = sorted(self.folder.glob(f"round-{round_}-step-*.pt"))
@@ -52,7 +52,7 @@ class Checkpoints:
     def save(self, round_: int, step: int, state: dict[str, Any]) -> None:
         import torch
 
-        from mirage.store import writing
+        from mirage.data.store import writing
 
         path = self._path(round_, step)
         with writing(path) as tmp:

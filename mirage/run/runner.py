@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mirage import faults
-from mirage.params import Runner
+from mirage.data.params import Runner
+from mirage.run import faults
 
 _LOADED: "OrderedDict[Any, tuple[str, Any]]" = OrderedDict()
 _LOADED_LOCK = threading.Lock()
@@ -90,7 +90,7 @@ def retrying(cfg: Runner, what: str, fn: Callable[[], Any]) -> Any:
     """`fn()`, tried again `runner.retries` times after a failure, waiting
     `runner.retry_delay` seconds, doubled each time (what Prefect's task
     retries do on Dask).  A stopped run, or a batch too large, is not retried."""
-    from mirage.stage import StageStopped, logger
+    from mirage.run.stage import StageStopped, logger
 
     for attempt in range(cfg.retries + 1):
         try:
@@ -160,7 +160,7 @@ class LocalRunner:
             prefetch: int = 0) -> Iterator[tuple[int, Any]]:
         """(index, rows) of every batch; `fetch(batch)` first adds its inputs
         (e.g. image bytes), in batch order."""
-        from mirage.store import prepared_ahead
+        from mirage.data.store import prepared_ahead
 
         obj = self._loaded(job)
         fetch = fetch or (lambda b: b)

@@ -20,9 +20,9 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from mirage import faults
-from mirage import params as params_mod
-from mirage.server import connect
+from mirage.data import params as params_mod
+from mirage.run import faults
+from mirage.run.server import connect
 
 
 def parser(stage: str, paths: Sequence[str]) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
         if not target.is_relative_to(root):
             raise params_mod.ParamsError(f"--{name} {getattr(args, name)!r} of stage {stage} is outside the "
                                          f"project {root}: stage paths stay inside it")
-    from mirage.locks import _RUN_LOCKS, run_lock
+    from mirage.run.locks import _RUN_LOCKS, run_lock
 
     if Path(root).resolve() not in _RUN_LOCKS:  # a process of its own (`dvc repro`, which unlocks DVC's
         _TAGS.enter_context(run_lock(root))  # repo while a stage command runs): no `mirage run` beside it
@@ -65,7 +65,7 @@ def command(main) -> None:
     what it did (items, computed, reused, metrics) as one JSON line on
     stdout.  A bad parameter exits 2 with the key named; a failure exits
     non-zero with its traceback (what `dvc repro` shows)."""
-    from mirage.locks import PipelineError
+    from mirage.run.locks import PipelineError
 
     try:
         result = main(sys.argv[1:])

@@ -5,11 +5,11 @@ open_clip_model.safetensors, the toy encoder's layout), `ARCH:TAG` or
 `ARCH:/path/weights.safetensors` (open_clip architecture + pretrained tag or
 checkpoint), or `random:ARCH:SEED` (the architecture with random weights, the
 baseline that learned features must beat).  The toy architectures are JSON
-configs in mirage/model_configs/, registered with open_clip on import.
+configs in mirage/models/model_configs/, registered with open_clip on import.
 `timm:NAME`, `timm:local-dir:PATH` and `timm:random:NAME:SEED` are the same
 three forms for timm ViTs (DINO, DeiT, ...), image tower only.
 
-Generators: mirage/generators.py.
+Generators: mirage/models/generators.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from mirage.devices import resolve_device, resolve_dtype
+from mirage.models.devices import resolve_device, resolve_dtype
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -318,9 +318,9 @@ def save_encoder(model: torch.nn.Module, arch: str, out: Path) -> None:
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
-def load_generator(path: str, device: torch.device | None = None):
+def load_toy_pipeline(path: str, device: torch.device | None = None):
     """The toy diffusers pipeline saved at `path` (its UNet is a patch backbone)."""
-    from mirage.generators import load_generator as load
+    from mirage.models.generators import load_generator as load
 
     gen = load(path, str(device or default_device()))
     if gen.kind != "toy":
@@ -411,7 +411,7 @@ def load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None,
         return EncoderPatches(encoder, module)
     if generator is None:
         raise ValueError("features.patch_backbone: a unet backbone needs the generator")
-    pipe = load_generator(generator, encoder.device)
+    pipe = load_toy_pipeline(generator, encoder.device)
     unet = pipe.unet
     if random_seed is not None:
         from diffusers import UNet2DModel

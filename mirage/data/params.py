@@ -5,15 +5,24 @@ before any work starts, naming the key (pydantic does the naming).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-from pathlib import Path
-import difflib
 import re
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):

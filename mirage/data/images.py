@@ -1,4 +1,4 @@
-"""PNG bytes <-> arrays, and COCO RLE masks <-> boolean arrays."""
+"""PNG bytes <-> arrays, COCO RLE masks <-> boolean arrays, and contact sheets with boxes."""
 from __future__ import annotations
 
 import io
@@ -52,3 +52,23 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = iw * ih
     union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def draw_grid(images: np.ndarray, gt: list, found: list, pred: list, scale: int = 4, cols: int = 8) -> bytes:
+    """PNG of images with ground truth (green), discovered (yellow) and detected (red) boxes."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for img, g, f, p in zip(images, gt, found, pred):
+        tile = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+        draw = ImageDraw.Draw(tile)
+        for color, boxes in (("lime", g), ("yellow", f), ("red", p)):
+            for x, y, w, h in boxes:
+                draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=color)
+        tiles.append(np.asarray(tile))
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[r : r + cols], 1) for r in range(0, len(tiles), cols)], 0)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()

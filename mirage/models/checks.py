@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mirage.params import Params, ParamsError
+from mirage.data.params import Params, ParamsError
 
 
 def _looks_local(value: str, root: Path) -> bool:
@@ -45,7 +45,7 @@ def check_encoder(params: Params, root: Path) -> None:
     rest = value.removeprefix("timm:")
     timm = value.startswith("timm:")
     if rest.startswith("random:"):
-        from mirage.models import random_spec
+        from mirage.models.encoders import random_spec
 
         try:
             rest = random_spec(rest)[0]
@@ -76,7 +76,7 @@ def check_encoder(params: Params, root: Path) -> None:
 
 
 def check_patch_backbone(params: Params, root: Path) -> None:
-    from mirage.models import parse_patch_backbone
+    from mirage.models.encoders import parse_patch_backbone
 
     try:
         kind, module, _, _ = parse_patch_backbone(params.features.patch_backbone)

@@ -19,7 +19,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from mirage.devices import resolve_device, resolve_dtype
+from mirage.models.devices import resolve_device, resolve_dtype
+
 
 @dataclass(frozen=True)
 class GenerationItem:
@@ -103,7 +104,7 @@ def load_generator(spec: str, device: str = "auto", dtype: str = "auto") -> Gene
     dt = resolve_dtype(dtype, dev)
     cls = _pipeline_class(spec)
     if cls == "ToyPipeline":
-        from mirage.pipelines import ToyPipeline
+        from mirage.models.toy_pipeline import ToyPipeline
 
         return Generator(spec, "toy", ToyPipeline.from_pretrained(spec).to(dev), dev, torch.float32)
     if cls == "DiTPipeline":

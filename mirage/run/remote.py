@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirage.pipeline import PipelineError, _repo, stale
+from mirage.run.scheduler import PipelineError, open_repo, stale
 
 NO_REMOTE = ("no DVC remote is configured: add one with `dvc remote add -d storage /path/to/folder` "
              "(or s3://bucket/path, ssh://host/path; README, Shared data) and commit .dvc/config")
@@ -20,7 +20,7 @@ def _remote_error(err: Exception) -> PipelineError:
 
 def push(root: Path, remote: str | None = None, jobs: int | None = None) -> int:
     """Upload every output dvc.lock records to the remote; returns files sent."""
-    with _repo(root) as repo:
+    with open_repo(root) as repo:
         try:
             return repo.push(remote=remote, jobs=jobs)
         except Exception as err:
@@ -32,7 +32,7 @@ def push(root: Path, remote: str | None = None, jobs: int | None = None) -> int:
 def pull(root: Path, remote: str | None = None, jobs: int | None = None) -> tuple[int, dict[str, list[str]]]:
     """Download and check out what dvc.lock records; returns (files fetched,
     what is still stale: `mirage run` runs only that)."""
-    with _repo(root) as repo:
+    with open_repo(root) as repo:
         try:
             stats = repo.pull(remote=remote, jobs=jobs)
         except Exception as err:

@@ -1,20 +1,19 @@
-"""Images of your own: find the files `sources.images` names, read them as RGB.
+"""Images of your own: find the files `sources.images` names, and tell when they changed.
 
 Entries are folders (searched recursively for image files), globs, or COCO
 JSON files (their `images` list; `file_name` relative to the JSON's folder).
+The scan is a stat per file, never a read: `mirage run` and `mirage status`
+call it to decide whether the import stage is stale (DVC sees only the params).
 """
 from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from mirage.params import ParamsError
+from mirage.data.params import ParamsError
 
 SCAN = "sources.json"  # beside the import table's shards: the files found and their scan digest
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -73,30 +72,6 @@ def scan_digest(files: list[SourceFile]) -> str:
         except OSError:
             h.update(f"{f.name}\0missing\n".encode())
     return h.hexdigest()[:16]
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_image(data: bytes, max_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Encoded image bytes -> uint8 H x W x 3 (EXIF orientation applied,
-    converted to RGB, the longest side at most `max_size`), and the original
-    (width, height) after orientation."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P") and (im.mode != "P" or "transparency" in im.info):
-            rgba = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they hide
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert("RGB")
-        original = im.size
-        if max(original) > max_size:
-            scale = max_size / max(original)
-            im = im.resize((max(1, round(original[0] * scale)), max(1, round(original[1] * scale))), Image.LANCZOS)
-        return np.asarray(im, dtype=np.uint8), original
 
 
 def recorded_scan(table: str | Path) -> str | None:
