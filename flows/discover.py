@@ -20,16 +20,6 @@ from mirage.run.runner import open_runner
 from mirage.run.stage import command, parse, pool_dir, progress, report_errors
 from tasks.discover import BATCH, VERSION, DiscoverJob, coco_detections
 
-# 5: degenerate cuts dropped, images without an object are failed items
-
-
-
-
-
-
-
-
-
 
 @flow(name="discover")
 def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str,

@@ -179,6 +179,7 @@ def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[C
 
 
 VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
+# 5: degenerate cuts dropped, images without an object are failed items
 
 
 def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table | Partial:

@@ -176,8 +176,6 @@ def detector_metrics(model, detections: list[dict[str, np.ndarray]], gt_boxes, s
     return result, pr
 
 
-
-
 def load_test_split(test: str, classes: list[str]) -> dict:
     """The ground truth: uint8 images N x H x W x 3, boxes (x, y, w, h px), masks (RLE), class ids."""
     scenes = read_table(test, columns=["image", "objects"]).to_pylist()

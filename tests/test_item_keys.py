@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows.discover import discover_flow
 from flows.features import features_flow
@@ -23,6 +24,7 @@ ENCODER = str(ROOT / "models" / "encoder")
 TRAIN, TEST, IMAGES = 16, 6, 6  # tiny: scenes per split, generated images (3 classes x 2)
 ALL = {"train": TRAIN, "test": TEST, "generate": IMAGES, "features": IMAGES, "discover": IMAGES}
 NONE = dict.fromkeys(ALL, 0)
+GPU = torch.cuda.is_available()  # `auto` devices resolve to it
 
 # parameter, new value, items recomputed per stage (what is not named: 0)
 CASES = [
@@ -33,11 +35,13 @@ CASES = [
     ("generate.per_prompt", 3, {"generate": 3, "features": 3, "discover": 3}),  # one more per class
     ("generate.steps", 3, {"generate": IMAGES, "features": IMAGES, "discover": IMAGES}),
     ("generate.shard_rows", 4, {}),
-    ("generate.device", "cpu", {}),  # `auto` is the CPU here: resolved values key items
+    # resolved values key items: `cpu` is what `auto` resolves to without a GPU (with one, a change)
+    ("generate.device", "cpu", {"generate": IMAGES, "features": IMAGES, "discover": IMAGES} if GPU else {}),
     ("features.batch_size", 3, {"features": IMAGES, "discover": IMAGES}),  # batch shape changes float bytes
     ("features.workers", 2, {}),  # runtime only
     ("features.shard_rows", 4, {}),
-    ("features.dtype", "float32", {}),  # `auto` computes float32 on the CPU
+    # `auto` computes float32 on the CPU (autocast float16 on a GPU: then a change)
+    ("features.dtype", "float32", {"features": IMAGES, "discover": IMAGES} if GPU else {}),
     ("features.patch_backbone", "encoder:keys", {"features": IMAGES, "discover": IMAGES}),
     ("discover.tau", 0.5, {"discover": IMAGES}),
     ("discover.prompt_template", "a photo of a {}", {"discover": IMAGES}),

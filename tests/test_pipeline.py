@@ -50,6 +50,20 @@ def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
     assert all(m.startswith("generator@") for m in images.column("model").to_pylist())
 
 
+def test_editing_runtime_code_leaves_every_stage_up_to_date(project, capsys):
+    """mirage/run/ only runs and reports: no stage depends on it.  Core code
+    (the store) is a dep of every data stage, so editing it is seen."""
+    for runtime in ("server.py", "stage.py", "locks.py", "faults.py", "runner.py", "report.py", "scheduler.py"):
+        with open(project / "mirage/run" / runtime, "a") as f:
+            f.write("\n# edited: how runs are reported or guarded\n")
+    assert scheduler.stale(project) == {}
+    assert cli_main(["--root", str(project), "status"]) == 0
+    assert "nothing stale" in capsys.readouterr().out
+    with open(project / "mirage/data/store.py", "a") as f:
+        f.write("\n# edited: what decides the stages' bytes\n")
+    assert {"toyworld", "import", "generate", "features", "discover", "train_detector", "evaluate"} <= set(scheduler.stale(project))
+
+
 def test_nothing_stale_runs_nothing(project, capsys):
     assert ran(pipeline.run(project)) == []
     assert scheduler.stale(project) == {}

@@ -116,7 +116,7 @@ def test_independent_stages_run_at_the_same_time(tmp_path):
     at a time."""
     from flows import pipeline
 
-    values = TINY | {"toyworld": {"train": {"n": 4000}, "test": {"n": 40}}}  # toyworld long enough to see
+    values = TINY | {"toyworld": TINY["toyworld"] | {"train": {"n": 4000}}}  # toyworld long enough to see (ood kept)
     (tmp_path / "parallel").mkdir()
     (tmp_path / "sequential").mkdir()
     parallel = make_project(tmp_path / "parallel", values | {"runner": {"parallel_stages": 2}})
