@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict] = {
     "drop_loss_iou=null": {"drop_loss_iou": None},
     "lr=0.02": {"lr": 0.02},
     "scale_jitter=[0.75,1.25]": {"scale_jitter": [0.75, 1.25]},
+    "copy_paste=0.5": {"copy_paste": 0.5},
 }
 
 
@@ -113,7 +114,7 @@ def train_rounds(cfg, classes, data, labelled, sources) -> list:
     return models
 
 
-def scores(models, split: dict, thresh: float) -> dict:
+def round_metrics(models, split: dict, thresh: float) -> dict:
     out = {"rounds": []}
     for model in models:
         dets = [{k: v[d["scores"] >= thresh] for k, v in d.items()} for d in predict(model, split["images"])]
@@ -173,7 +174,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"variant {name} ({update or 'the project params'}; trained in {seconds:.0f} s):", flush=True)
         for split_name, split in splits.items():
-            s = scores(models, split, params.evaluate.score_thresh)
+            s = round_metrics(models, split, params.evaluate.score_thresh)
             per_round = " -> ".join(f"{r['ap']:.3f}" for r in s["rounds"])
             print(line(f"{split_name} (AP by round {per_round})", s["rounds"][-1], s["bias"]), flush=True)
 

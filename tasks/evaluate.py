@@ -269,6 +269,9 @@ def pr_csv(curve: np.ndarray) -> bytes:
     return ("recall,precision\n" + rows).encode()
 
 
+SIDE_BY_SIDE = ("ap", "ap50", "ap75", "ar100")  # the COCO measures compared per split: teacher vs detector
+
+
 def evaluate(params: Params, run, test: str, images: str, features: str, detector: str,
              ood: str | None = None) -> tuple[dict, list[np.ndarray], bytes]:
     """The metrics (test split and, when `ood` holds scenes, the ood split
@@ -295,8 +298,8 @@ def evaluate(params: Params, run, test: str, images: str, features: str, detecto
         side_by_side[name] = {
             "images": len(split["images"]),
             "discovery": {m: {k: v for k, v in discovery_metrics(both[name][m], split["boxes"], split_size, cfg.iou).items()
-                              if k in ("corloc", "ap50", "ap")} for m in methods},
-            "detector": [{k: r[k] for k in ("ap50", "ap")} for r in
+                              if k in ("corloc", *SIDE_BY_SIDE)} for m in methods},
+            "detector": [{k: r[k] for k in SIDE_BY_SIDE} for r in
                          (rounds if name == "test" else detector_rounds(detector, split, cfg.score_thresh)[0])],
         }
     alignment, n_generated = generation_alignment(encoder, images, features, dcfg)

@@ -30,14 +30,17 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"skipped on CI, and not a declared skip (tests/conftest.py DECLARED_SKIPS): {reason}"
 
 # Small values for every stage: the whole loop in about a minute on 2 cores,
-# with the committed toy models (frozen stages), so its quality is measurable.
+# with the committed toy models (frozen stages).  Discovery's quality is
+# measurable here (CorLoc bands); the detector trains a few steps only, since
+# most tests that copy this project check plumbing and retrain it: its quality
+# bands come from TRAINED (the `trained` fixture, more steps on the same tables).
 TINY = {
     "toyworld": {"train": {"n": 48}, "test": {"n": 40}, "ood": {"n": 24}},
     "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},  # `mirage train` tests
     "train_encoder": {"steps": 2, "batch_size": 8},
     "generate": {"per_prompt": 8, "steps": 10, "batch_size": 8},
     "features": {"batch_size": 8},
-    "train_detector": {"steps": 60, "batch_size": 8, "self_train_steps": 30, "class_aware": True},
+    "train_detector": {"steps": 8, "batch_size": 8, "self_train_steps": 4, "class_aware": True},
     "evaluate": {"grid_images": 4},
 }
 
@@ -115,6 +118,23 @@ def finished(tmp_path_factory) -> Finished:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["mirage-pipeline"])),
                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
     return Finished(root, str(runs[0].id))
+
+
+# What the `trained` project changes: enough detector steps to learn the 24
+# generated images' pseudo-boxes (measured bands in tests/test_pipeline.py)
+TRAINED = {"train_detector.steps": 160, "train_detector.self_train_steps": 80}
+
+
+@pytest.fixture(scope="session")
+def trained(finished, tmp_path_factory) -> Path:
+    """A copy of the finished tiny project whose detector trained TRAINED's
+    steps (only train_detector and evaluate rerun)."""
+    from flows import pipeline
+
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(finished.root, root, symlinks=True)
+    assert [r.name for r in pipeline.run(root, TRAINED) if r.ran] == ["train_detector", "evaluate"]
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -95,10 +95,10 @@ def test_non_finite_features_are_failed_items(done, params, tmp_path, monkeypatc
 
 
 def test_discovery_fails_images_without_an_object(done, params):
-    from tasks.discover import discover_batch
     from mirage.data.store import Partial
     from mirage.models.encoders import load_encoder
     from mirage.models.fingerprint import encoder_spec
+    from tasks.discover import discover_batch
 
     meta = table_metadata(done / "data" / "features")
     grid = tuple(int(v) for v in meta["grid"].split(","))

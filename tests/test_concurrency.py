@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import UNFROZEN
 
 from mirage.run import scheduler
+
+pytestmark = pytest.mark.slow  # three full runs in subprocesses
 
 
 def env() -> dict[str, str]:

@@ -18,6 +18,8 @@ from PIL import Image
 from mirage.cli import main as cli_main
 from mirage.data import params as params_mod
 
+pytestmark = pytest.mark.slow  # Chromium and failing runs
+
 OUTPUTS = {  # DVC outputs of the stages that ran, and one upstream asset each must name
     "data/toyworld": None,
     "data/generated": "models/generator",

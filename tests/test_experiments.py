@@ -15,6 +15,8 @@ from conftest import ROOT
 
 from flows import pipeline
 
+pytestmark = pytest.mark.slow  # dvc exp runs
+
 
 def sh(root: Path, *cmd: str) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

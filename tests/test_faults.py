@@ -27,6 +27,8 @@ STORE_SCRIPT = """
 import sys, pyarrow as pa
 import mirage.run.faults  # the harness: MIRAGE_FAULT acts at the store's interruption points
 from mirage.data.store import ShardStore
+
+pytestmark = pytest.mark.slow  # a stage process per kill point
 schema = pa.schema([("key", pa.string()), ("value", pa.int64())])
 def compute(specs):
     print("computed", *specs, flush=True)
@@ -209,27 +211,27 @@ def test_killed_stage_leaves_no_prefect_server_behind(tiny_project, tmp_path):
 
 
 def test_training_killed_resumes_from_its_checkpoint_byte_identical(done, tmp_path):
-    """train_detector (tiny: 60 steps, then a self-training round of 30) killed
-    at step 25 of round 1 resumes there (checkpoints every 20 steps); killed
+    """train_detector (tiny: 8 steps, then a self-training round of 4) killed
+    at step 3 of round 1 resumes at step 2 (checkpoints every 2 steps); killed
     while its model directory is swapped in, the rerun trains nothing; both
     end with the uninterrupted run's bytes and no temp or checkpoint left."""
     from mirage.data.params import write_overrides
 
     root = tmp_path / "project"
     shutil.copytree(done, root, symlinks=True)
-    write_overrides(root / "params.yaml", {"runner.checkpoint_every": 20})  # runner: no stage's parameter
+    write_overrides(root / "params.yaml", {"runner.checkpoint_every": 2})  # runner: no stage's parameter
     reference = files(done / "models" / "detector")
     shutil.rmtree(root / "models" / "detector")
-    killed = run_stage(root, "train_detector", "train-step@85")
+    killed = run_stage(root, "train_detector", "train-step@11")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (root / "models" / "detector").exists()
     resumed = run_stage(root, "train_detector", "model-swap@3")  # the rounds saved (1, 2), then the output (3)
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
-    assert "round 1: resumed from its checkpoint at step 20 of 30" in resumed.stderr
-    assert "round 0: resumed from its checkpoint at step 60 of 60" in resumed.stderr  # round 0 was finished
+    assert "round 1: resumed from its checkpoint at step 2 of 4" in resumed.stderr
+    assert "round 0: resumed from its checkpoint at step 8 of 8" in resumed.stderr  # round 0 was finished
     final = run_stage(root, "train_detector")
     assert final.returncode == 0, final.stderr[-3000:]
-    assert "round 1: resumed from its checkpoint at step 30 of 30" in final.stderr  # nothing trained again
+    assert "round 1: resumed from its checkpoint at step 4 of 4" in final.stderr  # nothing trained again
     assert files(root / "models" / "detector") == reference
     assert temps(root / "models") == [] and not list((root / ".mirage" / "checkpoints").rglob("*.pt"))
 

@@ -109,6 +109,7 @@ def ood_folder(folder: Path, n: int) -> None:
         Image.fromarray(render_scene(world, split, i).image).save(folder / f"{i:03d}.png")
 
 
+@pytest.mark.slow
 def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
     from flows import pipeline
     from mirage.run import scheduler
@@ -116,6 +117,7 @@ def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
     root = make_project(tmp_path, {**TINY, "sources": {"images": ["unlabeled"]},
                                    "discover": {"sources": ["imported"], "method": "maskcut"},
                                    "train_detector": {**TINY["train_detector"], "class_aware": False,
+                                                      "steps": 60, "self_train_steps": 30,  # the band's steps
                                                       "mix": {"generated": 0.0, "imported": 1.0}}})
     ood_folder(root / "unlabeled", 16)
     ran = {r.name: r for r in pipeline.run(root)}

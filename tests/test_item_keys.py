@@ -18,6 +18,8 @@ from flows.generate import generate_flow
 from flows.toyworld import toyworld_flow
 from mirage.data import params as params_mod
 
+pytestmark = pytest.mark.slow  # every item stage per case
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = str(ROOT / "models" / "generator")
 ENCODER = str(ROOT / "models" / "encoder")

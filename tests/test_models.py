@@ -163,6 +163,7 @@ def test_copy_paste_moves_the_masked_pixels_and_updates_boxes():
     assert out["labels"].tolist() == [2, 3]
 
 
+@pytest.mark.slow
 def test_detector_trains_with_copy_paste():
     cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 3, "batch_size": 2, "copy_paste": 1.0})
     images = np.full((2, 32, 32, 3), 40, dtype=np.uint8)
@@ -178,6 +179,7 @@ def test_detector_trains_with_copy_paste():
     assert not all(weights)
 
 
+@pytest.mark.slow
 def test_mask_rcnn_learns_masks_roundtrips_and_self_trains(tmp_path):
     from mirage.data.images import encode_mask
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FROZEN, UNFROZEN
 
 from flows import pipeline
 from mirage.cli import main as cli_main
@@ -31,6 +30,7 @@ def ran(results):
     return [r.name for r in results if r.ran]
 
 
+@pytest.mark.slow
 def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
     metrics = json.loads((done / "metrics/evaluate.json").read_text())
     d, det = metrics["discovery"], metrics["detector"]
@@ -71,6 +71,7 @@ def test_nothing_stale_runs_nothing(project, capsys):
     assert "nothing stale" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_one_key_change_status_names_it_and_what_runs_and_only_that_reruns(project, capsys):
     text = (project / "params.yaml").read_text().replace("tau: 0.8", "tau: 0.3")
     (project / "params.yaml").write_text(text)
@@ -94,6 +95,7 @@ def test_set_keeps_params_yaml_as_written(project):
     assert after == text.replace("grid_images: 4", "grid_images: 8")
 
 
+@pytest.mark.slow
 def test_dvc_repro_alone_runs_a_stage_and_agrees_with_mirage(project):
     """`dvc repro` runs the same stage commands through DVC, each in its own process."""
     before = (project / "dvc.lock").read_text()
@@ -134,6 +136,7 @@ def test_bad_override_fails_before_any_work(tiny_project, capsys, override, name
     assert (tiny_project / "params.yaml").read_bytes() == params  # left as it was
 
 
+@pytest.mark.slow
 def test_mirage_train_retrains_a_frozen_model_and_records_it(project):
     """`mirage train encoder` reruns the frozen stage (tiny: 2 steps), records
     it in dvc.lock, and the stages after it rerun on the new model."""

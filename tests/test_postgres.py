@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from test_server import Server, free_port
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server
+
 
 def pg_tool(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]

@@ -17,6 +17,8 @@ from mirage.models.fingerprint import encoder_spec
 from mirage.models.generators import GenerationItem, load_generator
 from tasks.generate import item_seed
 
+pytestmark = pytest.mark.slow  # real architectures on the CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 IMAGES = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)

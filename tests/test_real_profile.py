@@ -17,6 +17,8 @@ from flows import pipeline
 from mirage.data.store import read_table
 from mirage.run import scheduler
 
+pytestmark = pytest.mark.slow  # real architectures through every stage
+
 
 def counts(results) -> dict:
     return {r.name: (r.result or {}).get("computed") if isinstance(r.result, dict) else None

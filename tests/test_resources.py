@@ -3,7 +3,6 @@ stage, the items and the cause, a batch out of memory names its batch-size
 key, a full disk ends cleanly and the next run with space completes."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -98,6 +97,7 @@ def test_flaky_batch_is_retried_and_the_run_succeeds(tmp_path, fault):
     assert reference["computed"] == 12
 
 
+@pytest.mark.slow
 def test_flaky_batch_on_dask_is_retried_by_prefect(tmp_path, fault):
     fault("compute@1:raise")  # every worker's first batch fails once
     counts = small_generate(tmp_path / "dask", **{"runner.kind": "dask"})
@@ -127,6 +127,7 @@ def test_out_of_memory_names_the_batch_size_key(tmp_path, fault):
     assert len(read_table_keys(tmp_path / "oom" / "images")) == 4  # not retried; finished batches kept
 
 
+@pytest.mark.slow
 def test_permanent_failure_ends_the_run_with_stage_items_and_cause(project, fault, capsys):
     fault("compute@1+:raise")
     code = cli.main(["--root", str(project), "run", "-S", "generate.per_prompt=9", "-S", "runner.retry_delay=0.05"])

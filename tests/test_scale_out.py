@@ -15,6 +15,8 @@ from conftest import FROZEN, ROOT, TINY, UNFROZEN, flatten, make_project
 from mirage.data import params as params_mod
 from mirage.run.runner import shared_cluster
 
+pytestmark = pytest.mark.slow  # Dask clusters and three projects
+
 # 30 images in batches of 4: 8 batches for generate and for features
 SMALL = flatten({**TINY, "generate": {"per_prompt": 10, "steps": 5, "batch_size": 4}, "features": {"batch_size": 4}}) | {
     "generate.model": str(ROOT / "models" / "generator"), "features.encoder": str(ROOT / "models" / "encoder")}

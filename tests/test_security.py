@@ -3,8 +3,8 @@ on this machine only, stage paths stay inside the project."""
 from __future__ import annotations
 
 import json
-import pickle
 import pathlib
+import pickle
 import shutil
 
 import pytest

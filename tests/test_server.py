@@ -18,6 +18,8 @@ import httpx
 import pytest
 from conftest import ROOT, UNFROZEN
 
+pytestmark = pytest.mark.slow  # a Prefect server, Chromium, runs
+
 MIRAGE = [sys.executable, "-m", "mirage.cli"]
 SHOTS = ROOT / "test-output" / "dashboard"  # screenshots of the browser test (git-ignored)
 

@@ -187,12 +187,16 @@ def key_metrics(m: dict | None) -> dict[str, float | None]:
     rounds = m["detector"]["rounds"]
     out = {"discovery CorLoc": m["discovery"]["corloc"],
            "discovery CorLoc, random weights": m["discovery"]["corloc_random_weights"]}
-    out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
     out |= {"detector AP (last round)": rounds[-1]["ap"], "prompt alignment": m["generation"]["prompt_alignment"]}
-    ood = m.get("splits", {}).get("ood")
-    if ood:  # objects no model was trained on: the detector against discovery, its teacher
-        out |= {f"ood: {method} AP50": x["ap50"] for method, x in ood["discovery"].items()}
-        out |= {f"ood: detector AP50, round {r}": x["ap50"] for r, x in enumerate(ood["detector"])}
+    if not m.get("splits"):  # metrics of an older run: the test split's rounds only
+        out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
+    for name, split in sorted(m.get("splits", {}).items(), key=lambda kv: kv[0] != "test"):
+        # the detector against discovery, its teacher, by every COCO measure (ood: objects no model saw)
+        where = "" if name == "test" else f"{name}: "
+        for measure in ("ap", "ap50", "ap75", "ar100"):
+            label = measure.upper()
+            out |= {f"{name}: {method} {label}": x.get(measure) for method, x in split["discovery"].items()}
+            out |= {f"{where}detector {label}, round {r}": x.get(measure) for r, x in enumerate(split["detector"])}
     return out
 
 

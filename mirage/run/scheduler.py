@@ -448,9 +448,12 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment'] or float('nan'):.3f}",
         ]
+        def coco(x: dict) -> str:
+            return " / ".join(f"{x[k]:.3f}" if isinstance(x.get(k), float) else "–" for k in ("ap", "ap50", "ap75"))
+
         for name, split in sorted(m.get("splits", {}).items(), key=lambda kv: kv[0] != "test"):  # test, then ood
-            cuts = ", ".join(f"{k} {v['corloc']:.3f} / {v['ap50']:.3f}" for k, v in split["discovery"].items())
-            lines += [f"  {name} split ({split['images']} images): discovery CorLoc / AP50  {cuts}",
-                      f"  {'':<{len(name) + 7}}detector AP50 by round  " + " -> ".join(f"{r['ap50']:.3f}" for r in split["detector"])]
+            lines.append(f"  {name} split ({split['images']} images), AP / AP50 / AP75:")
+            lines += [f"    {k:<9} {coco(v)}  (CorLoc {v['corloc']:.3f})" for k, v in split["discovery"].items()]
+            lines += [f"    detector round {r}  {coco(x)}" for r, x in enumerate(split["detector"])]
     lines.append("outputs: data/ (tables), models/ (weights), metrics/, plots/ — `dvc metrics show`, `dvc plots show`")
     return "\n".join(lines)
