@@ -48,6 +48,12 @@ VARIANTS: dict[str, dict] = {
     "lr=0.02": {"lr": 0.02},
     "scale_jitter=[0.75,1.25]": {"scale_jitter": [0.75, 1.25]},
     "copy_paste=0.5": {"copy_paste": 0.5},
+    "mix generated 0.25": {"mix": {"generated": 0.25, "imported": 1.0}},
+    "two self-training rounds": {"self_train_scores": [0.7, 0.7]},
+    "steps x2": {"steps": "x2", "self_train_steps": "x2"},
+    # combinations of the single changes that helped
+    "mix 0.25 + two rounds": {"mix": {"generated": 0.25, "imported": 1.0}, "self_train_scores": [0.7, 0.7]},
+    "mix 0.25 + three rounds": {"mix": {"generated": 0.25, "imported": 1.0}, "self_train_scores": [0.7, 0.7, 0.7]},
 }
 
 
@@ -136,11 +142,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", default=str(ROOT), help="a project after `mirage run` (default: this checkout)")
     ap.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); two studies side by side: 1 each")
     args = ap.parse_args()
     root = Path(args.project)
     params = load(root / "params.yaml")
     classes = list(params.discover.classes)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = {"test": load_test_split(str(root / "data/toyworld/test"), classes)}
     if (root / "data/toyworld/ood").exists():
         splits["ood"] = load_test_split(str(root / "data/toyworld/ood"), classes)
@@ -148,6 +156,7 @@ def main() -> None:
     data, labelled, sources = pseudo_labelled(str(root / "data/generated"), str(root / "data/discovery"),
                                               classes if params.train_detector.class_aware else None,
                                               str(imported) if (imported / "manifest.json").exists() else None)
+    # the pseudo-labels as the project's params would leave them: the variants below filter from all of them
     print(f"{len(data)} images with pseudo-boxes ({', '.join(f'{s}: {sources.count(s)}' for s in sorted(set(sources)))}); "
           f"params {root / 'params.yaml'}")
     scores = pseudo_scores(root, classes)
@@ -162,7 +171,8 @@ def main() -> None:
         if name not in VARIANTS:
             sys.exit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         base = params.train_detector
-        update = {k: (getattr(base, k) * 3 if v == "x3" else v) for k, v in VARIANTS[name].items() if k != "filter"}
+        update = {k: (getattr(base, k) * int(v[1:]) if v in ("x2", "x3") else v) for k, v in VARIANTS[name].items()
+                  if k != "filter"}
         cfg = base.model_copy(update=update)
         start = time.perf_counter()
         inputs = (data, labelled, sources)

@@ -1,4 +1,5 @@
-"""Stage toyworld: render the train, test (and ood) splits as Parquet."""
+"""Stage toyworld: render the train, test (and ood) splits as Parquet, and the
+unlabeled split as a folder of PNG files (the default `sources.images`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,9 @@ from prefect import flow, get_run_logger
 
 from mirage.data import schema
 from mirage.data.params import Toyworld
-from mirage.data.store import ShardStore
+from mirage.data.store import ShardStore, atomic_write_bytes
 from mirage.run.stage import command, parse, progress
-from tasks.toyworld import check_names, render_batch, scene_key
+from tasks.toyworld import check_names, render_batch, scene_key, unlabeled_images
 
 
 @flow(name="toyworld")
@@ -25,7 +26,29 @@ def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, dict[str, int]]:
             stats = store.update(wanted, lambda specs: render_batch(cfg, split, specs), batch_size=256, progress=bar.update)
         log.info("toyworld %s: %d scenes (%d rendered, %d reused)", name, stats.wanted, stats.computed, stats.reused)
         counts[name] = {"items": stats.wanted, "computed": stats.computed}
+    counts["unlabeled"] = write_unlabeled(cfg, Path(out) / "unlabeled")
+    log.info("toyworld unlabeled: %d PNG files (%d written)", counts["unlabeled"]["items"],
+             counts["unlabeled"]["computed"])
     return counts
+
+
+def write_unlabeled(cfg: Toyworld, folder: Path) -> dict[str, int]:
+    """The unlabeled split's PNG files in `folder` (made even when the split is
+    null: stage import depends on it): files whose bytes are already right are
+    left alone (their times too, so the import stage's scan sees no change),
+    others written atomically, files of no scene removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = unlabeled_images(cfg, cfg.unlabeled) if cfg.unlabeled else {}
+    written = 0
+    for name, data in wanted.items():
+        path = folder / name
+        if not path.exists() or path.read_bytes() != data:
+            atomic_write_bytes(path, data)
+            written += 1
+    for path in folder.iterdir():
+        if path.name not in wanted:
+            path.unlink()
+    return {"items": len(wanted), "computed": written}
 
 
 def main(argv: list[str] | None = None):

@@ -26,7 +26,8 @@ def train_detector_flow(cfg: TrainDetector, classes: list[str], images: str, obj
     score in cfg.self_train_scores, on the same images (transductive on the
     imported ones).  Saves every round under OUT/round-K."""
     log = get_run_logger()
-    data, labelled, sources = pseudo_labelled(images, objects, classes if cfg.class_aware else None, imported)
+    data, labelled, sources = pseudo_labelled(images, objects, classes if cfg.class_aware else None, imported,
+                                              cfg.drop_spanning)
     keep, probs = mix_weights(sources, cfg.mix)
     if len(keep) < len(data):
         data, labelled = data[keep], [labelled[i] for i in keep]

@@ -46,8 +46,10 @@ class Scene:
 def check_names(cfg: Toyworld) -> None:
     """Fail early, naming the parameter, on a class or colour we cannot draw."""
     shapes = {"toyworld.classes": cfg.classes}
-    if cfg.ood is not None and cfg.ood.shapes:
-        shapes["toyworld.ood.shapes"] = cfg.ood.shapes
+    for name in ("ood", "unlabeled"):
+        split = getattr(cfg, name)
+        if split is not None and split.shapes:
+            shapes[f"toyworld.{name}.shapes"] = split.shapes
     for key, names in shapes.items():
         for name in names:
             if name not in SHAPES:
@@ -165,3 +167,10 @@ def render_batch(cfg: Toyworld, split: Split, specs: list[tuple[str, int]]) -> p
             "seed": index, "objects": objects,
         })
     return pa.Table.from_pylist(rows, schema=schema.SCENES)
+
+
+def unlabeled_images(cfg: Toyworld, split: Split) -> dict[str, bytes]:
+    """The unlabeled split as files: name -> PNG bytes, one scene each (its
+    objects, boxes and masks are not written: nothing downstream may see them)."""
+    return {f"s{split.seed}-{index:06d}.png": encode_png(render_scene(cfg, split, index).image)
+            for index in range(split.n)}

@@ -282,12 +282,15 @@ def _xyxy(boxes) -> torch.Tensor:
 
 
 def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None,
-                    imported_dir: str | None = None) -> tuple[np.ndarray, list[dict], list[str]]:
+                    imported_dir: str | None = None,
+                    drop_spanning: bool = False) -> tuple[np.ndarray, list[dict], list[str]]:
     """Images with their discovered boxes (images without a box are skipped),
     generated then imported, and each one's source.  Labels: 1 for every box
     (class-agnostic) or, given `classes`, the generating prompt's class where
-    known, else the zero-shot label.  Images of another size than the first
-    are resized to it, their boxes and masks with them."""
+    known, else the zero-shot label.  With `drop_spanning`, a box as wide or
+    as tall as its image is no pseudo-label (a cut of the background: see
+    TrainDetector.drop_spanning).  Images of another size than the first are
+    resized to it, their boxes and masks with them."""
     labelled: dict[str, dict] = {}
     for r in read_table(objects_dir, columns=["image_id", "prompt_class", "objects"]).to_pylist():
         found = [o for o in r["objects"] if o["box"][2] > 0 and o["box"][3] > 0]
@@ -305,8 +308,14 @@ def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None
         labelled[r["image_id"]] = {"boxes": [o["box"] for o in found], "labels": [label(o) for o in found],
                                    "masks": [o["mask"] for o in found]}
     tables = [("generated", images_dir)] + ([("imported", imported_dir)] if imported_dir else [])
-    rows = [(name, r) for name, table in tables for r in read_table(table, columns=["id", "image"]).to_pylist()
-            if r["id"] in labelled]
+    rows = [(name, r) for name, table in tables
+            for r in read_table(table, columns=["id", "image", "width", "height"]).to_pylist() if r["id"] in labelled]
+    if drop_spanning:
+        for _, r in rows:
+            item = labelled[r["id"]]
+            keep = [k for k, (_, _, w, h) in enumerate(item["boxes"]) if w < r["width"] and h < r["height"]]
+            labelled[r["id"]] = {key: [values[k] for k in keep] for key, values in item.items()}
+        rows = [(name, r) for name, r in rows if labelled[r["id"]]["boxes"]]
     if not rows:
         raise ValueError(f"no image of {', '.join(t for _, t in tables)} has a discovered object in {objects_dir}")
     images = [decode_png(r["image"]) for _, r in rows]

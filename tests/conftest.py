@@ -35,12 +35,17 @@ def pytest_runtest_makereport(item, call):
 # most tests that copy this project check plumbing and retrain it: its quality
 # bands come from TRAINED (the `trained` fixture, more steps on the same tables).
 TINY = {
-    "toyworld": {"train": {"n": 48}, "test": {"n": 40}, "ood": {"n": 24}},
+    # no unlabeled scenes (the default sources.images): the tests of imported images make their own
+    "toyworld": {"train": {"n": 48}, "test": {"n": 40}, "ood": {"n": 24}, "unlabeled": None},
+    "sources": {"images": []},
     "train_generator": {"steps": 2, "batch_size": 4, "block_out_channels": [16, 16]},  # `mirage train` tests
     "train_encoder": {"steps": 2, "batch_size": 8},
     "generate": {"per_prompt": 8, "steps": 10, "batch_size": 8},
     "features": {"batch_size": 8},
-    "train_detector": {"steps": 8, "batch_size": 8, "self_train_steps": 4, "class_aware": True},
+    # pinned (not params.yaml's defaults): the fault, dashboard and resume tests count these rounds and steps
+    "train_detector": {"steps": 8, "batch_size": 8, "self_train_steps": 4, "class_aware": True,
+                       "self_train_scores": [0.7], "min_size": 64, "copy_paste": 0.0, "scale_jitter": None,
+                       "mix": {"generated": 1.0, "imported": 1.0}, "drop_spanning": False},
     "evaluate": {"grid_images": 4},
 }
 

@@ -163,7 +163,6 @@ def test_copy_paste_moves_the_masked_pixels_and_updates_boxes():
     assert out["labels"].tolist() == [2, 3]
 
 
-@pytest.mark.slow
 def test_detector_trains_with_copy_paste():
     cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 3, "batch_size": 2, "copy_paste": 1.0})
     images = np.full((2, 32, 32, 3), 40, dtype=np.uint8)
@@ -221,3 +220,35 @@ def test_mask_ap_against_hand_computed_cases():
     assert perfect["AP50"] == pytest.approx(1.0) and perfect["AP"] == pytest.approx(1.0)
     halfway, _ = coco_segmentation([[encode_mask(gt)]], [{"masks": np.array([half]), "scores": np.array([0.9])}], (32, 32))
     assert halfway["AP50"] == pytest.approx(1.0) and halfway["AP75"] == pytest.approx(0.0)
+
+
+def test_pseudo_labels_without_boxes_spanning_their_image(tmp_path):
+    """train_detector.drop_spanning: a box as wide or as tall as its image (a
+    cut of the background, as TokenCut's border strips on generated images)
+    is no pseudo-label; an image left without one is left out."""
+    import pyarrow as pa
+
+    from mirage.data import schema
+    from mirage.data.images import encode_png
+    from mirage.data.store import ShardStore
+    from tasks.train_detector import pseudo_labelled
+
+    image = encode_png(np.zeros((32, 32, 3), dtype=np.uint8))
+    rows = [{"key": k, "id": k, "image": image, "width": 32, "height": 32, "prompt": "a circle", "class_name": "circle",
+             "seed": 0, "model": "m", "steps": 1, "guidance": 0.0} for k in ("a", "b")]
+    ShardStore(tmp_path / "images", schema.IMAGES, {}, 64).update([(r["key"], r) for r in rows],
+                                                              lambda s: pa.Table.from_pylist(s, schema=schema.IMAGES), 8)
+
+    def obj(box):
+        return {"box": box, "mask": "", "score": 1.0, "label": "circle", "label_score": 1.0}
+
+    found = [{"key": "a", "image_id": "a", "prompt_class": "circle",
+              "objects": [obj([0.0, 29.0, 32.0, 3.0]), obj([5.0, 5.0, 10.0, 10.0])]},
+             {"key": "b", "image_id": "b", "prompt_class": "circle", "objects": [obj([3.0, 0.0, 4.0, 32.0])]}]
+    ShardStore(tmp_path / "objects", schema.OBJECTS, {}, 64).update([(r["key"], r) for r in found],
+                                                                lambda s: pa.Table.from_pylist(s, schema=schema.OBJECTS), 8)
+    _, items, _ = pseudo_labelled(str(tmp_path / "images"), str(tmp_path / "objects"), None)
+    assert [len(i["boxes"]) for i in items] == [2, 1]
+    data, items, sources = pseudo_labelled(str(tmp_path / "images"), str(tmp_path / "objects"), None, drop_spanning=True)
+    assert len(data) == 1 and items == [{"boxes": [[5.0, 5.0, 10.0, 10.0]], "labels": [1], "masks": [""]}]
+    assert sources == ["generated"]

@@ -18,27 +18,33 @@ from mirage.data.store import read_table
 from mirage.run import scheduler
 
 # Quality bands for the small config of conftest.TINY (40 test scenes, 24
-# generated images, 60 + 30 detector steps), with the committed toy models.
-# Measured on the 2-core CI kind: discovery CorLoc 0.95 (twice), random-weight
-# baseline 0.75; detector AP50 0.001 -> 0.06 (round 0 -> self-training: this
-# few steps only starts learning, so the detector band is relative).  Bands:
-# the measured values less a margin for another CPU's float bytes.
+# generated images), with the committed toy models.  Measured on 2-core x86
+# machines: discovery CorLoc 0.95, random-weight baseline 0.75.  The detector's
+# bands are held by the `trained` project (conftest.TRAINED: 160 + 80 steps on
+# the same pseudo-boxes); the plumbing project's 8 + 4 steps learn nothing to
+# speak of.  Bands: the measured values less a margin for another CPU's float
+# bytes (a broken detector, loss or evaluation falls far below them).
 CORLOC_MIN = 0.85          # measured 0.95
 CORLOC_OVER_RANDOM = 0.10  # learned minus random-weight CorLoc; measured 0.20
+# the trained project's last round (measured AP50 0.65, AP 0.24, class-aware AP50 0.26, ood AP50 0.53;
+# the plumbing project's 8 + 4 steps: AP50 0.02, the level a detector that learns nothing stays at)
+DETECTOR_AP50_MIN = 0.45
+DETECTOR_AP_MIN = 0.12
+CLASS_AWARE_AP50_MIN = 0.12
+OOD_AP50_MIN = 0.30
+
 
 def ran(results):
     return [r.name for r in results if r.ran]
 
 
-@pytest.mark.slow
 def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
     metrics = json.loads((done / "metrics/evaluate.json").read_text())
     d, det = metrics["discovery"], metrics["detector"]
     assert metrics["test_images"] == 40 and metrics["generation"]["images"] == 24
     assert d["corloc"] >= CORLOC_MIN
     assert d["corloc"] - d["corloc_random_weights"] >= CORLOC_OVER_RANDOM
-    assert det["rounds"][-1]["ap50"] >= det["rounds"][0]["ap50"]  # self-training improves on round 0
-    assert len(det["rounds"]) == 2 and 0.0 <= det["rounds"][-1]["class_aware"]["ap50"] <= 1.0
+    assert len(det["rounds"]) == 2 and {"ap", "ap50", "ap75", "ar100"} <= set(det["rounds"][-1]["class_aware"])
     curves = sorted(p.name for p in (done / "plots/pr").iterdir())
     assert curves == ["round-0.csv", "round-1.csv"]  # round 0 + one self-training round
     assert (done / "plots/pr/round-1.csv").read_text().startswith("recall,precision")
@@ -48,6 +54,15 @@ def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
     assert set(images.column("class_name").to_pylist()) == {"circle", "square", "triangle"}
     assert len(set(images.column("seed").to_pylist())) == 24  # one recorded seed per item
     assert all(m.startswith("generator@") for m in images.column("model").to_pylist())
+
+
+@pytest.mark.slow
+def test_the_trained_detector_holds_its_bands(trained):
+    metrics = json.loads((trained / "metrics/evaluate.json").read_text())
+    rounds = metrics["detector"]["rounds"]
+    assert rounds[-1]["ap50"] >= DETECTOR_AP50_MIN and rounds[-1]["ap"] >= DETECTOR_AP_MIN
+    assert rounds[-1]["class_aware"]["ap50"] >= CLASS_AWARE_AP50_MIN  # the prompt's class, learned
+    assert metrics["splits"]["ood"]["detector"][-1]["ap50"] >= OOD_AP50_MIN
 
 
 def test_editing_runtime_code_leaves_every_stage_up_to_date(project, capsys):

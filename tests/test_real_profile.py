@@ -43,7 +43,7 @@ def toy(tmp_path_factory, new_project):
     real architectures are slow on a CPU)."""
     from conftest import TINY
 
-    small = {**TINY, "toyworld": {"train": {"n": 48}, "test": {"n": 12}, "ood": {"n": 12}},
+    small = {**TINY, "toyworld": {"train": {"n": 48}, "test": {"n": 12}, "ood": {"n": 12}, "unlabeled": None},
              "generate": {"per_prompt": 2, "steps": 4, "batch_size": 4}, "features": {"batch_size": 4},
              "train_detector": {"steps": 4, "batch_size": 4, "self_train_steps": 2, "class_aware": True}}
     root = new_project(tmp_path_factory.mktemp("toy"), small)

@@ -74,3 +74,26 @@ def test_unknown_ood_shape_is_named():
     bad = CFG.model_copy(update={"ood": CFG.ood.model_copy(update={"shapes": ("diamond", "blob")})})
     with pytest.raises(ValueError, match="toyworld.ood.shapes: unknown shape 'blob'"):
         check_names(bad)
+
+
+def test_unlabeled_split_is_a_folder_of_pngs_rewritten_only_where_it_changed(tmp_path):
+    """The default sources.images: PNG files of the test world with another seed
+    (never an evaluated scene), written once, kept as they are on a rerun."""
+    from flows.toyworld import write_unlabeled
+    from mirage.data.images import decode_png
+
+    cfg = CFG.model_copy(update={"unlabeled": CFG.unlabeled.model_copy(update={"n": 5})})
+    folder = tmp_path / "unlabeled"
+    assert write_unlabeled(cfg, folder) == {"items": 5, "computed": 5}
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"s{cfg.unlabeled.seed}-{i:06d}.png" for i in range(5)]
+    assert np.array_equal(decode_png(files[2].read_bytes()), render_scene(cfg, cfg.unlabeled, 2).image)
+    assert cfg.unlabeled.seed not in (cfg.test.seed, cfg.ood.seed, cfg.train.seed)
+    times = [f.stat().st_mtime_ns for f in files]
+    (folder / "stray.png").write_bytes(b"not a scene")
+    files[0].write_bytes(b"damaged")
+    assert write_unlabeled(cfg, folder) == {"items": 5, "computed": 1}  # only the damaged file
+    assert [f.stat().st_mtime_ns for f in sorted(folder.iterdir())][1:] == times[1:]
+    assert not (folder / "stray.png").exists()
+    assert write_unlabeled(cfg.model_copy(update={"unlabeled": None}), folder) == {"items": 0, "computed": 0}
+    assert folder.is_dir() and not list(folder.iterdir())  # stage import depends on the folder: it stays

@@ -73,6 +73,9 @@ class Toyworld(Section):
     train: Split
     test: Split
     ood: Split | None = None  # out-of-distribution evaluation split: shapes, textures, counts train never had
+    # unlabeled images of the test split's world (another seed): PNG files, the
+    # default `sources.images`, as a user's own folder would be (never evaluated on)
+    unlabeled: Split | None = None
     shard_rows: int = Field(default=1024, gt=0)
 
     @field_validator("object_size")
@@ -89,7 +92,7 @@ class Toyworld(Section):
         """What one split's scenes depend on: the world's look and that split
         alone (changing the test split leaves the train split's bytes, and the
         models trained on them, alone)."""
-        world = self.model_dump(mode="json", exclude={"train", "test", "ood"} | set(self.LAYOUT))
+        world = self.model_dump(mode="json", exclude={"train", "test", "ood", "unlabeled"} | set(self.LAYOUT))
         split = getattr(self, name)
         blob = json.dumps({**world, name: split.spec() if split else None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -218,6 +221,7 @@ class TrainDetector(Section):
     # each source's share of a batch (among those with discovered objects); 0 leaves it out
     mix: dict[Source, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"generated": 1.0, "imported": 1.0})
     scale_jitter: tuple[float, float] | None = None  # e.g. [0.75, 1.25]: each batch at a random scale of min_size
+    drop_spanning: bool = False  # a pseudo-box as wide or as tall as its image is background, not an object
 
 
 class Sources(Section):
