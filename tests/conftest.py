@@ -7,27 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ci_skips import pytest_runtest_makereport  # noqa: F401 - a skip on CI fails unless declared (tests/ci_skips.py)
 
 import mirage  # noqa: F401 - its Prefect settings (no telemetry, startup timeout) before any server starts
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Skips CI accepts: a test skipped on CI for another reason fails there (a skip
-# is otherwise a check that silently stopped running).  Reason fragments:
-DECLARED_SKIPS = (
-    "needs a CUDA GPU",  # the GPU checks run only where a GPU is lent
-)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
-        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if not any(fragment in reason for fragment in DECLARED_SKIPS):
-            report.outcome = "failed"
-            report.longrepr = f"skipped on CI, and not a declared skip (tests/conftest.py DECLARED_SKIPS): {reason}"
 
 # Small values for every stage: the whole loop in about a minute on 2 cores,
 # with the committed toy models (frozen stages).  Discovery's quality is

@@ -80,8 +80,16 @@ def recorded_scan(table: str | Path) -> str | None:
     return json.loads(path.read_text())["digest"] if path.exists() else None
 
 
-def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path) -> bool:
+def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, produced: tuple[Path, ...] = ()) -> bool:
     """Whether the files `entries` name differ (names, sizes, times) from
-    those the import table at `table` was made from."""
+    those the import table at `table` was made from.  An entry inside one of
+    the `produced` paths (another stage's output, as toyworld's unlabeled
+    scenes) that is not there yet is a change, not an error: the pipeline
+    makes it before the import stage runs."""
     recorded = recorded_scan(table)
-    return recorded is not None and recorded != scan_digest(find_files(entries, root))
+    if recorded is None:
+        return False
+    missing = [e for e in entries if not glob.has_magic(e) and not (root / e).exists()]
+    if any(any((root / e).absolute().is_relative_to(Path(p).absolute()) for p in produced) for e in missing):
+        return True
+    return recorded != scan_digest(find_files(entries, root))

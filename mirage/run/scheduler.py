@@ -103,7 +103,8 @@ def source_changes(repo, stage=None) -> dict[str, list[str]]:
         return {}
     root = Path(repo.root_dir)
     entries = params_mod.load(root / "params.yaml").sources.images
-    if sources_changed(root, entries, stage.outs[0].fs_path):
+    produced = tuple(Path(o.fs_path) for s in repo.index.stages if s.name != IMPORT for o in s.outs)
+    if sources_changed(root, entries, stage.outs[0].fs_path, produced):
         return {IMPORT: ["files of sources.images added, changed or removed since it ran"]}
     return {}
 
