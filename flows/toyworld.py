@@ -32,6 +32,11 @@ def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, dict[str, int]]:
     return counts
 
 
+UNLABELED_README = "README.txt"  # not an image: the import stage's folder scan skips it
+UNLABELED_TEXT = ("Unlabeled scenes of the toy world (params toyworld.unlabeled), written by stage toyworld:\n"
+                  "the default sources.images of the toy profile. Their objects are not written anywhere.\n")
+
+
 def write_unlabeled(cfg: Toyworld, folder: Path) -> dict[str, int]:
     """The unlabeled split's PNG files in `folder` (made even when the split is
     null: stage import depends on it): files whose bytes are already right are
@@ -39,6 +44,10 @@ def write_unlabeled(cfg: Toyworld, folder: Path) -> dict[str, int]:
     others written atomically, files of no scene removed."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted = unlabeled_images(cfg, cfg.unlabeled) if cfg.unlabeled else {}
+    # DVC tracks files, not folders: without one, an empty folder is gone after a checkout (`dvc exp run`)
+    readme = folder / UNLABELED_README
+    if not readme.exists() or readme.read_text() != UNLABELED_TEXT:
+        atomic_write_bytes(readme, UNLABELED_TEXT.encode())
     written = 0
     for name, data in wanted.items():
         path = folder / name
@@ -46,7 +55,7 @@ def write_unlabeled(cfg: Toyworld, folder: Path) -> dict[str, int]:
             atomic_write_bytes(path, data)
             written += 1
     for path in folder.iterdir():
-        if path.name not in wanted:
+        if path.name not in wanted and path.name != UNLABELED_README:
             path.unlink()
     return {"items": len(wanted), "computed": written}
 

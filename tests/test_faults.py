@@ -22,13 +22,13 @@ from conftest import ROOT
 from mirage.data.store import MANIFEST, WORK, read_table
 from mirage.run.stage import RESULT
 
+pytestmark = pytest.mark.slow  # a stage process per kill point
+
 # one tiny stage process: a store filling 10 items in batches of 3
 STORE_SCRIPT = """
 import sys, pyarrow as pa
 import mirage.run.faults  # the harness: MIRAGE_FAULT acts at the store's interruption points
 from mirage.data.store import ShardStore
-
-pytestmark = pytest.mark.slow  # a stage process per kill point
 schema = pa.schema([("key", pa.string()), ("value", pa.int64())])
 def compute(specs):
     print("computed", *specs, flush=True)
