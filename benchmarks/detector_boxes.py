@@ -37,8 +37,9 @@ from tasks.train_detector import merge_predictions, mix_weights, paste_pool, pre
 # name -> train_detector overrides: each changes one thing from the project's params;
 # "filter" drops pseudo-objects before training (what the teacher gets wrong on generated images)
 VARIANTS: dict[str, dict] = {
-    "drop spanning pseudo-boxes": {"filter": "spanning"},
-    "pseudo score>=0.9": {"filter": "score"},
+    "drop spanning pseudo-boxes": {"drop_spanning": True},   # the stage's own filter (pseudo_labelled)
+    "keep spanning pseudo-boxes": {"drop_spanning": False},
+    "pseudo score>=0.9": {"filter": "score", "drop_spanning": False},
     "defaults": {},
     "min_size=128": {"min_size": 128},
     "steps x3": {"steps": "x3", "self_train_steps": "x3"},
@@ -90,13 +91,11 @@ def pseudo_scores(root: Path, classes) -> list[list[float]]:
     return [found[i] for t in tables for i in read_table(t, columns=["id"]).column("id").to_pylist() if i in found]
 
 
-def filtered(kind: str, data, labelled, sources, scores, size):
-    """Pseudo-labels without the objects `kind` names; images left without one are dropped."""
-    h, w = size
+def filtered(data, labelled, sources, scores, min_score: float = 0.9):
+    """Pseudo-labels without the objects whose cut scores below `min_score`; images left without one are dropped."""
     keep_img, out = [], []
     for i, (item, sc) in enumerate(zip(labelled, scores)):
-        keep = [k for k, b in enumerate(item["boxes"])
-                if (kind == "spanning" and b[2] < w and b[3] < h) or (kind == "score" and sc[k] >= 0.9)]
+        keep = [k for k in range(len(item["boxes"])) if sc[k] >= min_score]
         if keep:
             keep_img.append(i)
             out.append({key: [item[key][k] for k in keep] for key in ("boxes", "labels", "masks")})
@@ -153,13 +152,21 @@ def main() -> None:
     if (root / "data/toyworld/ood").exists():
         splits["ood"] = load_test_split(str(root / "data/toyworld/ood"), classes)
     imported = root / "data/imported"
-    data, labelled, sources = pseudo_labelled(str(root / "data/generated"), str(root / "data/discovery"),
-                                              classes if params.train_detector.class_aware else None,
-                                              str(imported) if (imported / "manifest.json").exists() else None)
-    # the pseudo-labels as the project's params would leave them: the variants below filter from all of them
+    loaded: dict[bool, tuple] = {}
+
+    def pseudo_labels(drop_spanning: bool) -> tuple:
+        """What the stage trains on (its own pseudo_labelled), once per drop_spanning value."""
+        if drop_spanning not in loaded:
+            loaded[drop_spanning] = pseudo_labelled(
+                str(root / "data/generated"), str(root / "data/discovery"),
+                classes if params.train_detector.class_aware else None,
+                str(imported) if (imported / "manifest.json").exists() else None, drop_spanning)
+        return loaded[drop_spanning]
+
+    data, labelled, sources = pseudo_labels(False)
     print(f"{len(data)} images with pseudo-boxes ({', '.join(f'{s}: {sources.count(s)}' for s in sorted(set(sources)))}); "
           f"params {root / 'params.yaml'}")
-    scores = pseudo_scores(root, classes)
+    scores = pseudo_scores(root, classes)  # in the order of the unfiltered pseudo-labels
     assert len(scores) == len(labelled)
     metrics = json.loads((root / "metrics/evaluate.json").read_text()) if (root / "metrics/evaluate.json").exists() else {}
     for name, split in splits.items():
@@ -175,11 +182,11 @@ def main() -> None:
                   if k != "filter"}
         cfg = base.model_copy(update=update)
         start = time.perf_counter()
-        inputs = (data, labelled, sources)
+        inputs = pseudo_labels(cfg.drop_spanning)
         if "filter" in VARIANTS[name]:
-            inputs = filtered(VARIANTS[name]["filter"], data, labelled, sources, scores, data.shape[1:3])
-            update = {"filter": VARIANTS[name]["filter"], "images": len(inputs[0]),
-                      "objects": sum(len(x["boxes"]) for x in inputs[1])}
+            inputs = filtered(data, labelled, sources, scores)
+            update |= {"filter": VARIANTS[name]["filter"], "images": len(inputs[0]),
+                       "objects": sum(len(x["boxes"]) for x in inputs[1])}
         models = train_rounds(cfg, classes, *inputs)
         seconds = time.perf_counter() - start
         print(f"variant {name} ({update or 'the project params'}; trained in {seconds:.0f} s):", flush=True)
