@@ -55,7 +55,7 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
         store = ShardStore(out, schema.OBJECTS, {"stage": "discover", "model": model_id, "params": cfg.digest()},
                            cfg.shard_rows, pool=pool_dir("discover"))
         with progress(len(wanted), "discover") as bar:
-            stats = store.update(wanted, None, BATCH, bar.update, run=lambda batches: run.map(job, batches),
+            stats = store.update(wanted, None, BATCH, bar.update, on_plan=bar.plan, run=lambda batches: run.map(job, batches),
                                  max_error_fraction=errors.max_fraction)
     report_errors("discover", out, stats)
     rows = read_table(out).to_pylist()

@@ -73,7 +73,7 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
         prefetch = 2 if decoders else 0  # the local runner prepares ahead only when it decodes in threads
         start = time.perf_counter()
         with progress(len(wanted), "features", unit="img") as bar:
-            stats = store.update(wanted, None, cfg.batch_size, bar.update,
+            stats = store.update(wanted, None, cfg.batch_size, bar.update, on_plan=bar.plan,
                                  run=lambda batches: run.map(job, batches, fetch, prefetch),
                                  max_error_fraction=errors.max_fraction)
     report_errors("features", out, stats)

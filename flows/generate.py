@@ -28,7 +28,7 @@ def generate_flow(cfg: Generate, out: str, runner: Runner = Runner()) -> dict[st
                            row_bytes=(size or 512) ** 2 * 3 // 2)  # a generous PNG size estimate
         start = time.perf_counter()
         with progress(len(items), "generate", unit="img") as bar:
-            stats = store.update([(it.key, it) for it in items], None, cfg.batch_size, bar.update,
+            stats = store.update([(it.key, it) for it in items], None, cfg.batch_size, bar.update, on_plan=bar.plan,
                                  run=lambda batches: run.map(job, batches))
     rate = stats.computed / max(time.perf_counter() - start, 1e-9)
     log.info("generate: %d images (%d new at %.2f img/s on %s/%s, %s runner, %d model load(s), %d reused, %d dropped)",

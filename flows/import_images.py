@@ -32,7 +32,8 @@ def import_flow(cfg: Sources, out: str, root: str = ".") -> dict:
     store = ShardStore(out, schema.IMPORTED, {"stage": "import", "params": cfg.digest()}, cfg.shard_rows,
                         sidecars=(SCAN,))
     with progress(len(found.wanted), "import") as bar:  # a file that cannot be read never stops the run
-        stats = store.update(found.wanted, lambda specs: import_batch(cfg, specs), 64, bar.update)
+        stats = store.update(found.wanted, lambda specs: import_batch(cfg, specs), 64, bar.update,
+                             on_plan=bar.plan)
     report_errors("import", out, stats)
     atomic_write_json(Path(out) / SCAN, {"digest": scan_digest(found.files), "entries": list(cfg.images),
                                          "files": len(found.files), "duplicates": found.duplicates})

@@ -2,7 +2,8 @@
 `prefect deploy` (prefect.yaml) all run this.
 
 DVC decides what is stale; each stale stage runs as a child flow run and is
-recorded in dvc.lock; the run is tagged (commit, params digest, profile), its
+recorded in dvc.lock; the run is tagged (commit, params digest, profile, and
+whose it is: project, workspace, process — mirage/run/liveness.py), its
 outputs recorded as Prefect assets, and it ends with a summary, a metrics table
 and pictures as artifacts (mirage/run/report.py).  A failed run names the stage
 and the cause, and posts them to `alerts.webhook` when one is set.
@@ -11,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
 
 from mirage.data import params as params_mod
-from mirage.run import report, scheduler
-from mirage.run.server import connect
+from mirage.run import liveness, report, scheduler, trends
+from mirage.run.server import connect, running
 
 
 def stage_module(cmd: str):
@@ -36,6 +39,37 @@ def run_stage_inprocess(cmd: str):
     shell); returns what the stage's flow returned."""
     module, args = stage_module(cmd)
     return module.main(args)
+
+
+def mark_crashed(root: Path, log) -> None:
+    """Holding the run lock, no other run of this workspace is alive: those
+    still Running on the dashboard are marked Crashed (mirage/run/liveness.py)."""
+    try:
+        crashed = liveness.mark_crashed(root)
+    except Exception as err:  # the run goes on without it
+        log.warning("could not check this workspace's earlier runs (%s: %s)", type(err).__name__, err)
+        return
+    if crashed:
+        log.warning("marked Crashed: %s (earlier runs of this workspace whose process died)", ", ".join(crashed))
+
+
+def alert_on_drop(root: Path, params: params_mod.Params, tags: list[str]) -> None:
+    """A metric that fell by more than `alerts.max_drop` from the last run
+    with these params: the webhook hears it (the failure payload's shape,
+    with the metric, its old and new value)."""
+    from prefect.runtime import flow_run
+
+    fell = trends.drops(trends.history(root, None), params.alerts.max_drop)
+    if not fell:
+        return
+    get_run_logger().warning("metrics fell: %s", "; ".join(
+        f"{d['metric']} {d['old']:.3f} -> {d['new']:.3f} (run {d['compared_with']})" for d in fell))
+    for d in fell:
+        report.alert(params.alerts.webhook, {
+            "text": f"mirage pipeline run {flow_run.name}: {d['metric']} fell from {d['old']:.3f} to {d['new']:.3f} "
+                    f"(more than alerts.max_drop={d['max_drop']}) since run {d['compared_with']} with the same params",
+            "flow_run": flow_run.name, "flow_run_id": str(flow_run.id), "project": str(root), "stage": "evaluate",
+            "cause": "metric drop", "tags": tags, **d})
 
 
 def alert_on_failure(flow, flow_run, state) -> None:
@@ -65,8 +99,9 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
     with contextlib.chdir(root_path), scheduler.run_lock(root_path):  # a scheduled run: one at a time too
         previous = report.read_metrics(root_path)
         params = scheduler.prepare(root_path, overrides or {}, tuple(train or ()))
-        tags = report.run_tags(root_path, params)
+        tags = report.run_tags(root_path, params) + liveness.workspace_tags(root_path)
         report.tag_this_run(tags)
+        mark_crashed(root_path, log)
         producers = {}
 
         def after_stage(repo, stage, result):
@@ -74,8 +109,9 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
                 producers.update({o.def_path: s.name for s in repo.index.stages for o in s.outs})
             report.record_assets(root_path, stage, producers, params)
 
-        results = scheduler.run_stages(root_path, run_stage_inprocess, force, tuple(train or ()), on_stage=after_stage,
-                                       params=params, load_stage=stage_module)
+        with prefect_tags(*liveness.workspace_tags(root_path)):  # the stage runs': whose they are
+            results = scheduler.run_stages(root_path, run_stage_inprocess, force, tuple(train or ()),
+                                           on_stage=after_stage, params=params, load_stage=stage_module)
         seconds = time.perf_counter() - start
         if any(r.ran for r in results):
             from prefect.runtime import flow_run
@@ -84,7 +120,9 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
             if exp:
                 tags.append(f"exp:{exp}")
                 report.tag_this_run(tags)
+            trends.record(root_path, flow_run.name, tags, results, report.read_metrics(root_path))
             report.publish(root_path, results, seconds, previous, tags)
+            alert_on_drop(root_path, params, tags)
         else:
             log.info("nothing stale: no stage ran (%.1f s)", seconds)
     return results
@@ -97,16 +135,21 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
     server` when it is up).  `train` names frozen stages (train_generator,
     train_encoder) to rerun too; `force` reruns every stage that is not frozen."""
     root = Path(root).resolve()
-    with contextlib.chdir(root), scheduler.run_lock(root):
+    with contextlib.chdir(root), scheduler.run_lock(root), scheduler.params_put_back_if_busy(root):
         scheduler.prepare(root, overrides, train)  # validates, checks changed models, writes the overrides
         if not force and not train:
             from dvc.lock import LockError
 
             try:
+                with scheduler.open_repo(root) as repo, scheduler.workspace_lock(repo, wait=scheduler.WAIT_FOR_DVC):
+                    pass  # a `dvc repro` started beside this run after it wrote params.yaml: let it end first
                 nothing = not scheduler.stale(root)
             except LockError:  # a run in progress
                 raise scheduler.busy(root) from None
             if nothing:
+                if running(root):  # a dashboard that outlives runs: a killed one may still read Running there
+                    connect(root)
+                    mark_crashed(root, logging.getLogger("mirage"))
                 with scheduler.open_repo(root) as repo:
                     return [scheduler.StageResult(s.name, ran=False) for s in scheduler.stage_order(repo)]
         connect(root)

@@ -23,7 +23,8 @@ def toyworld_flow(cfg: Toyworld, out: str) -> dict[str, dict[str, int]]:
         store = ShardStore(Path(out) / name, schema.SCENES, {"stage": "toyworld", "split": name, "params": cfg.split_digest(name)}, cfg.shard_rows)
         wanted = [(k, (k, i)) for i in range(split.n) for k in [scene_key(cfg, split, i)]] if split else []
         with progress(len(wanted), f"toyworld {name}") as bar:
-            stats = store.update(wanted, lambda specs: render_batch(cfg, split, specs), batch_size=256, progress=bar.update)
+            stats = store.update(wanted, lambda specs: render_batch(cfg, split, specs), batch_size=256, progress=bar.update,
+                                 on_plan=bar.plan)
         log.info("toyworld %s: %d scenes (%d rendered, %d reused)", name, stats.wanted, stats.computed, stats.reused)
         counts[name] = {"items": stats.wanted, "computed": stats.computed}
     counts["unlabeled"] = write_unlabeled(cfg, Path(out) / "unlabeled")

@@ -39,9 +39,36 @@ def prefect_harness(tmp_path_factory):
     """One temporary Prefect server and database for the whole test session."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import get_current_settings
+
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-results"))
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        # processes the tests start (stage commands under `dvc repro` and `dvc exp run`, `mirage` commands)
+        # report here too, instead of each starting a temporary server of its own (~7 s apiece); the tests
+        # of what happens without a configured API take PREFECT_API_* out of their processes' environment
+        os.environ["PREFECT_API_URL"] = get_current_settings().api.url
+        try:
+            yield
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+def prefect_api(url: str, body: dict | None = None, attempts: int = 8):
+    """One call to a Prefect server's REST API, GET or POST (with `body`).
+    A 503 is the server saying "retry" (SQLite was busy: Prefect rolls the
+    transaction back and answers 503, and its own client retries those), so
+    a test's raw call retries it the same way instead of failing on it."""
+    import time
+
+    import httpx
+
+    for attempt in range(attempts):
+        response = httpx.post(url, json=body, timeout=30) if body is not None else httpx.get(url, timeout=30)
+        if response.status_code != 503 or attempt == attempts - 1:
+            break
+        time.sleep(min(2 ** attempt * 0.25, 4.0))
+    response.raise_for_status()
+    return response.json()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -88,6 +115,7 @@ UNFROZEN = ["toyworld", "import", "generate", "features", "discover", "train_det
 class Finished:
     root: Path
     flow_run_id: str  # its `mirage-pipeline` flow run on the session's Prefect server
+    results: dict  # stage name -> scheduler.StageResult of that run
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +134,7 @@ def finished(tmp_path_factory) -> Finished:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["mirage-pipeline"])),
                                      sort=FlowRunSort.START_TIME_DESC, limit=1)
-    return Finished(root, str(runs[0].id))
+    return Finished(root, str(runs[0].id), {r.name: r for r in first})
 
 
 # What the `trained` project changes: enough detector steps to learn the 24

@@ -38,6 +38,9 @@ CASES = [  # (-S override, what the message must name)
     # a CUDA device where there is none (on a GPU machine `cuda` is a fine value: then not a bad one)
     *([] if torch.cuda.is_available() else [("features.device=cuda", "features.device")]),
     ("discover.tau=2", "discover.tau"),
+    ("discover.tau=-1", "a complete graph"),  # accepted once: discover took 50 times as long
+    ("sources.images=[no_such_dir]", "sources.images[0] 'no_such_dir': no such file or folder"),
+    ("sources.images=[data/toyworld/test]", "sources.images[0] 'data/toyworld/test': names no image file"),
     ("discover.tua=0.5", "did you mean 'discover.tau'"),
     ("discover.method=spectral", "discover.method"),
     ("discover.eps=0", "discover.eps"),

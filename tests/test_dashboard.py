@@ -10,9 +10,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import httpx
 import pytest
-from conftest import UNFROZEN
+from conftest import UNFROZEN, prefect_api
 from PIL import Image
 
 from mirage.cli import main as cli_main
@@ -36,10 +35,7 @@ OUTPUTS = {  # DVC outputs of the stages that ran, and one upstream asset each m
 def api(path: str, body: dict | None = None):
     from prefect.settings import get_current_settings
 
-    url = get_current_settings().api.url + path
-    response = httpx.post(url, json=body, timeout=30) if body is not None else httpx.get(url, timeout=30)
-    response.raise_for_status()
-    return response.json()
+    return prefect_api(get_current_settings().api.url + path, body)
 
 
 def artifacts_of(flow_run_ids: list[str]) -> list[dict]:
@@ -64,7 +60,9 @@ def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
         assert f"| {stage} | ran" in summary
     assert "| train_generator | up to date" in summary
     assert f"| discovery CorLoc | {corloc} |" in summary
-    assert "toyworld --> train_generator" in summary and "train_detector --> evaluate" in summary  # lineage
+    lineage = summary.split("## Lineage")[1].split("](")[1].split(")")[0]  # a picture, whatever the UI
+    assert png_size(lineage)[0] >= 600
+    assert png_size(found["mirage-lineage"]["data"]) == png_size(lineage)
     table = found["mirage-metrics"]["data"]
     rows = json.loads(table) if isinstance(table, str) else table
     assert {"stage": "evaluate", "metric": "discovery CorLoc", "value": corloc} in rows
@@ -73,7 +71,7 @@ def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
         "detector AP50, round 0", "detector AP50, round 1", "ood: detector AP50, round 0", "ood: detector AP50, round 1"]
     assert {"stage": "evaluate", "metric": "ood: maskcut AP50",
             "value": f"{metrics['splits']['ood']['discovery']['maskcut']['ap50']:.3f}"} in rows
-    for key in ("mirage-discoveries", "mirage-detections"):
+    for key in ("mirage-discoveries", "mirage-detections", "mirage-lineage"):
         width, height = png_size(found[key]["data"])
         assert width >= 128 and height >= 32
 
@@ -180,3 +178,94 @@ def test_a_run_beside_another_is_turned_away_with_a_message(project, capsys):
         assert (project / "dvc.lock").read_text() == before
     finally:
         holder.kill()
+
+
+def test_a_killed_run_reads_crashed_after_the_next_run(project, tmp_path):
+    """`mirage run` SIGKILLed in the middle of train_detector (its child flow
+    run open): both runs still read Running, as nothing could tell Prefect;
+    the next `mirage run` on the workspace marks them Crashed, saying why."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mirage.run.liveness import workspace_id
+    from mirage.run.server import configured_api
+
+    api = configured_api()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRAGE_FAULT")}
+    env |= {"PREFECT_API_URL": api, "MIRAGE_FAULT": "train-step@3"}
+    with (tmp_path / "killed.log").open("w") as log:
+        killed = subprocess.Popen([sys.executable, "-m", "mirage.cli", "--root", str(project), "run",
+                                   "-S", "train_detector.steps=9"], cwd=project, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        assert killed.wait(timeout=600) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+
+    def workspace_runs() -> list[tuple[str, dict]]:
+        runs = prefect_api(api + "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [
+            f"workspace:{workspace_id(project)}"]}}})
+        flows = {f["id"]: f["name"] for f in prefect_api(api + "/flows/filter", {})}
+        return sorted(((flows[r["flow_id"]], r) for r in runs), key=lambda nr: (nr[0], nr[1]["start_time"] or ""))
+
+    dead = workspace_runs()
+    assert [(name, r["state_type"]) for name, r in dead] == [("mirage-pipeline", "RUNNING"),
+                                                             ("train_detector", "RUNNING")]
+    assert {f"project:{project.name}", f"pid:{killed.pid}"} <= set(dead[0][1]["tags"]) & set(dead[1][1]["tags"])
+    assert cli_main(["--root", str(project), "run"]) == 0  # finishes the job, and tells the dashboard
+    for name, run in dead:
+        now = prefect_api(api + f"/flow_runs/{run['id']}")
+        assert now["state_type"] == "CRASHED", (name, now["state_type"])
+        message = now["state"]["message"]
+        assert f"its process (pid {killed.pid}) is gone: killed" in message and str(project) in message
+    new = [(name, r["state_type"]) for name, r in workspace_runs() if r["id"] not in {d["id"] for _, d in dead}]
+    assert new == [("evaluate", "COMPLETED"), ("mirage-pipeline", "COMPLETED"), ("train_detector", "COMPLETED")]
+
+
+def test_a_metric_that_falls_posts_the_webhook_and_the_trends_show_it(trained, tmp_path, webhook, monkeypatch):
+    """Two runs of evaluate with the same params (the first restored from
+    DVC's run-cache), the second after a code change that shifts the
+    detector's boxes by 8 px (an injected regression).  Its AP50 falls by more
+    than alerts.max_drop: the webhook hears which metric, from what to what;
+    the trends picture holds both runs."""
+    import shutil
+
+    import numpy as np
+
+    import tasks.evaluate
+    from mirage.run import trends
+
+    project = tmp_path / "project"
+    shutil.copytree(trained, project, symlinks=True)
+    url, received = webhook
+    earlier = len(trends.history(project, None))  # the finished and the trained project's runs
+    params_mod.write_overrides(project / "params.yaml", {"alerts.webhook": url, "alerts.max_drop": 0.1})
+    (project / "metrics/evaluate.json").unlink()  # evaluate is stale, the params are as they were
+    assert cli_main(["--root", str(project), "run"]) == 0
+    assert received == []  # the first run of these params: nothing to compare with
+    real = tasks.evaluate.predict
+
+    def shifted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for d in out:
+            d["boxes"] = d["boxes"] + np.array([8, 8, 0, 0], dtype=d["boxes"].dtype)
+        return out
+
+    monkeypatch.setattr(tasks.evaluate, "predict", shifted)  # what this process runs (stages run in-process)
+    with (project / "tasks" / "evaluate.py").open("a") as code:  # and what DVC sees: evaluate's code changed
+        code.write("\n# the boxes shifted by 8 px (a regression injected by the test)\n")
+    assert cli_main(["--root", str(project), "run"]) == 0
+    runs = trends.history(project, None)[earlier:]
+    assert len(runs) == 2 and runs[0]["params"] == runs[1]["params"]
+    fell = {r["metric"]: r for r in received}
+    assert "test: detector AP50" in fell and "discovery CorLoc" not in fell  # discovery did not change
+    drop = fell["test: detector AP50"]
+    assert drop["old"] == runs[0]["metrics"]["test: detector AP50"] and drop["new"] == runs[1]["metrics"]["test: detector AP50"]
+    assert drop["old"] - drop["new"] > 0.1 and drop["cause"] == "metric drop" and "fell from" in drop["text"]
+    assert drop["compared_with"] == runs[0]["flow_run"] and drop["flow_run"] == runs[1]["flow_run"]
+    latest = api("/flow_runs/filter", {"flows": {"name": {"any_": ["mirage-pipeline"]}}, "sort": "START_TIME_DESC",
+                                       "limit": 1})[0]
+    found = {a["key"]: a for a in artifacts_of([latest["id"]])}
+    width, height = png_size(found["mirage-trends"]["data"])
+    assert width >= 800 and height >= 400
+    assert "## Over the last runs" in found["mirage-summary"]["data"]
+    (tmp_path / "trends.png").write_bytes(base64.b64decode(found["mirage-trends"]["data"].split(",", 1)[1]))

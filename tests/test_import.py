@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, make_project
+from conftest import TINY
 from PIL import Image
 
 from mirage.data.images import decode_png
@@ -110,18 +110,20 @@ def ood_folder(folder: Path, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
+def test_discover_and_train_on_imported_images_only_then_on_a_mix(project):
+    """On a copy of the finished tiny project (its generated images made):
+    imported images only, then a mix with one more file in the folder."""
     from flows import pipeline
     from mirage.run import scheduler
 
-    root = make_project(tmp_path, {**TINY, "sources": {"images": ["unlabeled"]},
-                                   "discover": {"sources": ["imported"], "method": "maskcut"},
-                                   "train_detector": {**TINY["train_detector"], "class_aware": False,
-                                                      "steps": 60, "self_train_steps": 30,  # the band's steps
-                                                      "mix": {"generated": 0.0, "imported": 1.0}}})
+    root = project
     ood_folder(root / "unlabeled", 16)
-    ran = {r.name: r for r in pipeline.run(root)}
-    assert ran["import"].result["computed"] == 16
+    imported_only = {"sources.images": ["unlabeled"], "discover.sources": ["imported"], "discover.method": "maskcut",
+                     "train_detector.class_aware": False, "train_detector.steps": 60,  # the band's steps
+                     "train_detector.self_train_steps": 30, "train_detector.mix": {"generated": 0.0, "imported": 1.0}}
+    ran = {r.name: r for r in pipeline.run(root, imported_only)}
+    assert [name for name, r in ran.items() if r.ran] == ["import", "features", "discover", "train_detector", "evaluate"]
+    assert ran["import"].result["computed"] == 16 and ran["features"].result["computed"] == 16
     found = read_table(root / "data" / "discovery").to_pylist()
     assert len(found) == 16 and all(r["image_id"].startswith("i-") for r in found)  # imported images only
     assert sum(len(r["objects"]) for r in found) > 16  # MaskCut: several objects per ood scene
@@ -133,18 +135,18 @@ def test_discover_and_train_on_imported_images_only_then_on_a_mix(tmp_path):
     assert ood["discovery"]["tokencut"]["ap50"] < ood["discovery"]["maskcut"]["ap50"]  # one box per image misses most
     assert ood["detector"][-1]["ap50"] >= 0.4
 
-    mixed = pipeline.run(root, {"discover.sources": ["generated", "imported"],
-                                "train_detector.mix": {"generated": 1.0, "imported": 1.0}})
-    ran = {r.name: r for r in mixed}
-    assert not ran["import"].ran and ran["discover"].result["computed"] == 24  # the generated images, now wanted too
-    found = read_table(root / "data" / "discovery").to_pylist()
-    assert sum(r["image_id"].startswith("i-") for r in found) == 16 and len(found) == 40
-    assert (root / "models" / "detector" / "round-0" / "model.safetensors").read_bytes() != first
-
     Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(root / "unlabeled" / "extra.png")
     assert "import" in scheduler.stale(root)  # DVC sees params only: mirage rescans the files
-    ran = {r.name: r for r in pipeline.run(root)}
-    assert ran["import"].result["computed"] == 1 and ran["features"].result["computed"] == 1
+    mixed = pipeline.run(root, {"discover.sources": ["generated", "imported"],  # plumbing: TINY's few steps
+                                "train_detector.mix": {"generated": 1.0, "imported": 1.0},
+                                "train_detector.steps": TINY["train_detector"]["steps"],
+                                "train_detector.self_train_steps": TINY["train_detector"]["self_train_steps"]})
+    ran = {r.name: r for r in mixed}
+    assert ran["import"].result["computed"] == 1 and ran["features"].result["computed"] == 1  # the new file only
+    assert ran["discover"].result["computed"] == 24 + 1  # the generated images, now wanted too, and the new file
+    found = read_table(root / "data" / "discovery").to_pylist()
+    assert sum(r["image_id"].startswith("i-") for r in found) == 17 and len(found) == 41
+    assert (root / "models" / "detector" / "round-0" / "model.safetensors").read_bytes() != first
     assert scheduler.stale(root) == {}
 
 

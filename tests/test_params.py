@@ -53,3 +53,28 @@ def test_features_workers_is_a_count_or_auto():
         params.load(ROOT / "params.yaml", {"features.workers": -1})
     with pytest.raises(params.ParamsError, match="features.workers"):
         params.load(ROOT / "params.yaml", {"features.workers": "many"})
+
+
+@pytest.mark.parametrize("key, value, line", [
+    ("toyworld.ood.n", 7, "  ood: {n: 7, seed: 3, min_objects: 2, max_objects: 4, shapes: [diamond, cross, ring], "
+                          "textures: [stripes, checker, dots]}"),  # a long flow mapping, not folded
+    ("generate.model", "/a/long/path/" + "x" * 90, "  model: /a/long/path/" + "x" * 90),
+    ("sources.images", ["a", "b c"], "  images: [a, b c]"),
+    ("train_detector.mix", {"generated": 0.5, "imported": 1.0}, "  mix: {generated: 0.5, imported: 1.0}"),
+    ("toyworld.unlabeled", None, "  unlabeled: null"),
+])
+def test_an_override_changes_its_own_line_and_no_other(tmp_path, key, value, line):
+    """`-S` rewrites the one line of the key it sets (its comment kept); every
+    other line of params.yaml stays byte-identical, none added or folded."""
+    path = tmp_path / "params.yaml"
+    path.write_bytes((ROOT / "params.yaml").read_bytes())
+    before = path.read_text().splitlines(keepends=True)
+    params.write_overrides(path, {key: value})
+    after = path.read_text().splitlines(keepends=True)
+    assert len(after) == len(before)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    assert len(changed) == 1, [(before[i], after[i]) for i in changed]
+    old, new = before[changed[0]], after[changed[0]]
+    assert new.split("#")[0].rstrip() == line
+    assert ("#" in old) == ("#" in new) and old[old.find("#"):] == new[new.find("#"):]  # the comment as it was
+    assert params.load(path).model_dump() == params.load(ROOT / "params.yaml", {key: value}).model_dump()

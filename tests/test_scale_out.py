@@ -111,28 +111,30 @@ def pipeline_run_id(root: Path) -> str:
     return str(runs[0].id)
 
 
-def test_independent_stages_run_at_the_same_time(tmp_path):
+def test_independent_stages_run_at_the_same_time(finished, tmp_path):
     """toyworld and generate read nothing of each other (the generator is a
-    committed model): the pipeline run starts them together, and their flow
-    runs overlap.  dvc.lock ends byte-identical to a run that takes one stage
-    at a time."""
+    committed model): the pipeline run (the finished tiny project's, with the
+    default runner.parallel_stages, 2) computes them at the same time, each a
+    child flow run.  dvc.lock ends byte-identical to a run that takes one
+    stage at a time."""
     from flows import pipeline
 
-    values = TINY | {"toyworld": TINY["toyworld"] | {"train": {"n": 4000}}}  # toyworld long enough to see (ood kept)
-    (tmp_path / "parallel").mkdir()
-    (tmp_path / "sequential").mkdir()
-    parallel = make_project(tmp_path / "parallel", values | {"runner": {"parallel_stages": 2}})
-    assert [r.name for r in pipeline.run(parallel) if r.ran] == UNFROZEN
-    runs = stage_runs(pipeline_run_id(parallel))
-    (t0, t1), (g0, g1) = runs["toyworld"], runs["generate"]
-    assert t0 < g1 and g0 < t1, f"toyworld {t0}..{t1} and generate {g0}..{g1} did not overlap"
-    print(f"toyworld and generate flow runs overlapped for {(min(t1, g1) - max(t0, g0)).total_seconds():.1f} s")
+    def interval(results, name):
+        return results[name].started, results[name].started + results[name].seconds
 
-    sequential = make_project(tmp_path / "sequential", values | {"runner": {"parallel_stages": 1}})
-    assert [r.name for r in pipeline.run(sequential) if r.ran] == UNFROZEN
+    assert params_mod.load(finished.root / "params.yaml").runner.parallel_stages == 2
+    (t0, t1), (g0, g1) = interval(finished.results, "toyworld"), interval(finished.results, "generate")
+    assert t0 < g1 and g0 < t1, f"toyworld {t0}..{t1} and generate {g0}..{g1} did not overlap"
+    print(f"toyworld and generate computed side by side for {min(t1, g1) - max(t0, g0):.1f} s")
+    assert {"toyworld", "generate"} <= set(stage_runs(finished.flow_run_id))  # both child runs of the pipeline run
+
+    sequential = make_project(tmp_path, TINY | {"runner": {"parallel_stages": 1}})
+    results = {r.name: r for r in pipeline.run(sequential)}
+    assert [name for name, r in results.items() if r.ran] == UNFROZEN
+    assert interval(results, "toyworld")[1] <= interval(results, "generate")[0]  # one at a time: the control
     runs = stage_runs(pipeline_run_id(sequential))
-    assert runs["toyworld"][1] <= runs["generate"][0]  # one at a time: the control
-    assert (sequential / "dvc.lock").read_bytes() == (parallel / "dvc.lock").read_bytes()
+    assert runs["toyworld"][1] <= runs["generate"][0]  # and so are their flow runs
+    assert (sequential / "dvc.lock").read_bytes() == (finished.root / "dvc.lock").read_bytes()
 
 
 def test_remote_push_then_a_fresh_clone_pulls_and_runs_nothing(finished, tmp_path, capsys):

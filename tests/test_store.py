@@ -104,3 +104,26 @@ def test_pool_keeps_rows_of_any_schema_and_switching_back_computes_nothing(tmp_p
         [(f"w{i}", i) for i in range(6)], wide, batch_size=4)
     assert again.computed == 0 and again.restored == 6  # and the wide rows wait there too
     assert len(list(pool.glob("schema-*"))) == 2
+
+
+def test_a_resumed_update_says_what_it_kept_and_its_bar_starts_there(tmp_path, caplog):
+    """Killed after two batches, the next update hears (on_plan) that 6 items
+    are kept in the work area and 4 are left; the stage's bar starts at 6,
+    says so, ends at 10, and the log says the run resumed."""
+    import logging
+
+    from mirage.run.stage import progress
+
+    killed = Counter(fail_after=6)
+    with pytest.raises(KeyboardInterrupt):
+        store(tmp_path).update(wanted(10), killed, batch_size=3)
+    plans = []
+    with caplog.at_level(logging.INFO, logger="mirage"), progress(10, "generate") as bar:
+        stats = store(tmp_path).update(wanted(10), Counter(), batch_size=3, progress=bar.update,
+                                       on_plan=lambda kept, todo: (plans.append((kept, todo)), bar.plan(kept, todo)))
+        assert (bar.n, bar.initial, bar.desc) == (10, 6, "generate (6 kept, 4 to compute)")
+    assert plans == [(6, 4)] and (stats.computed, stats.reused) == (4, 6)
+    assert "generate: 6 of 10 items kept from earlier runs, 4 to compute" in caplog.text
+    plans.clear()
+    store(tmp_path).update(wanted(10), Counter(), batch_size=3, on_plan=lambda *a: plans.append(a))
+    assert plans == [(10, 0)]  # nothing to do: all kept

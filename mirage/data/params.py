@@ -199,11 +199,20 @@ class Discover(Section):
     sources: tuple[Source, ...] = Field(default=("generated", "imported"), min_length=1)  # images to discover in
     method: Literal["tokencut", "maskcut"] = "tokencut"
     imported_method: Literal["tokencut", "maskcut"] | None = None  # imported images' cut; null: `method`
-    tau: float = Field(ge=-1, le=1)
+    tau: float
     eps: float = Field(gt=0)
     max_objects: int = Field(default=3, ge=1)
     min_area: float = Field(default=0.01, ge=0, lt=1)
     shard_rows: int = Field(default=4096, gt=0)
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"{value} must be in [0, 1): a threshold on the cosine similarity of two patches (an "
+                             "edge above it); below 0 nearly every pair is an edge (a complete graph: cuts slow by "
+                             "orders of magnitude, no object found), at 1 none is (TokenCut uses 0.2 on ViT keys)")
+        return value
 
 
 class TrainDetector(Section):
@@ -254,6 +263,9 @@ class Evaluate(Section):
 
 class Alerts(Section):
     webhook: str | None = None  # a failed pipeline run POSTs its stage and cause here as JSON
+    # a run whose metric fell by more than this from the last run with its params digest POSTs too:
+    # one number for every metric followed (mirage/run/trends.py), or {metric: drop}
+    max_drop: Annotated[float, Field(ge=0)] | dict[str, Annotated[float, Field(ge=0)]] | None = None
 
     @field_validator("webhook")
     @classmethod
@@ -427,6 +439,7 @@ def write_overrides(path: str | Path, overrides: dict[str, Any]) -> None:
     path = Path(path)
     rt = YAML()
     rt.preserve_quotes = True
+    rt.width = 1 << 16  # never fold a line: every line an override does not touch stays as it was
     rt.Representer = _null_representer()
     tree = rt.load(path.read_text())
     for key, value in overrides.items():
@@ -450,14 +463,18 @@ def _null_representer():
 
 
 def _flow_style(value: Any) -> Any:
-    """Lists written inline, `[a, b]`, as params.yaml writes them."""
-    from ruamel.yaml.comments import CommentedSeq
+    """Lists and mappings written inline, `[a, b]` and `{a: 1}`, as params.yaml
+    writes them: the key's one line changes, no line is added."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    if not isinstance(value, list):
+    if isinstance(value, dict):
+        inline = CommentedMap((k, _flow_style(v)) for k, v in value.items())
+    elif isinstance(value, list):
+        inline = CommentedSeq(_flow_style(v) for v in value)
+    else:
         return value
-    seq = CommentedSeq(_flow_style(v) for v in value)
-    seq.fa.set_flow_style()
-    return seq
+    inline.fa.set_flow_style()
+    return inline
 
 
 def _dump(rt, tree) -> str:

@@ -80,6 +80,16 @@ def recorded_scan(table: str | Path) -> str | None:
     return json.loads(path.read_text())["digest"] if path.exists() else None
 
 
+def check_entries(root: Path, entries: tuple[str, ...], produced: tuple[Path, ...] = ()) -> None:
+    """Refuse entries that name nothing (a ParamsError naming the entry), as
+    the import stage would, but before anything is written: an entry inside
+    one of the `produced` paths that is not there yet is made by the
+    pipeline first, and is checked when the import stage runs."""
+    made_later = [e for e in entries if not glob.has_magic(e) and not (root / e).exists()
+                  and any((root / e).absolute().is_relative_to(Path(p).absolute()) for p in produced)]
+    find_files(tuple(e for e in entries if e not in made_later), root)
+
+
 def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, produced: tuple[Path, ...] = ()) -> bool:
     """Whether the files `entries` name differ (names, sizes, times) from
     those the import table at `table` was made from.  An entry inside one of

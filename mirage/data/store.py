@@ -309,6 +309,7 @@ class ShardStore:
         prefetch: int = 2,
         run: Callable[[list[list[Any]]], Iterator[tuple[int, pa.Table]]] | None = None,
         max_error_fraction: float = 1.0,
+        on_plan: Callable[[int, int], None] | None = None,
     ) -> UpdateStats:
         """Make the table hold exactly `wanted` (key, spec) items, in order.
 
@@ -321,7 +322,10 @@ class ShardStore:
         A batch's result may be a `Partial`: its failed items are left out of
         the table and listed in `errors.parquet` beside the shards; past
         `max_error_fraction` of the wanted items, TooManyErrors is raised
-        after the table is written (what worked is kept).
+        after the table is written (what worked is kept).  `on_plan(kept,
+        to_compute)` hears, before any batch, how many items are already made
+        (by earlier or killed runs) and how many are left; `progress(n)`, as
+        each batch of n is saved.
         """
         keys = [k for k, _ in wanted]
         if len(set(keys)) != len(keys):
@@ -336,6 +340,8 @@ class ShardStore:
         missing = [(k, s) for k, s in wanted if k not in index]
         failed: dict[str, tuple[str, str]] = {}
         pooled = sum(1 for k, _ in wanted if k in index and self._pooled(index[k][0]))
+        if on_plan:  # what earlier runs left (the table, a killed run's work area, the pool), what is left to do
+            on_plan(len(wanted) - len(missing), len(missing))
         chunks = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
         if run is None:
             make = prepare or (lambda specs: specs)

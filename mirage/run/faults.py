@@ -7,7 +7,10 @@ time.  Actions:
   no cleanup code runs;
 - `raise`: an `InjectedFault` (a flaky batch: retried like any failure);
 - `oom`: the error PyTorch raises when a GPU runs out of memory;
-- `enospc`: the OSError of a full disk.
+- `enospc`: the OSError of a full disk;
+- `wait`: pause here until the file `MIRAGE_FAULT_RELEASE` exists, after
+  writing `<that path>.waiting` (the pid): a test holds a run at a known
+  point, does what it checks beside it, then lets it go on.
 With `MIRAGE_FAULT_MARKER=<path>` a kill fires once in all processes together
 (the first to create that file), so the work rescheduled after it gets
 through.  Unset (always, outside tests), a point costs one dictionary lookup.
@@ -61,8 +64,18 @@ def point(name: str) -> None:
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected at {name})")
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {name})")
+    elif action == "wait":
+        import time
+
+        release = os.environ.get("MIRAGE_FAULT_RELEASE")
+        if not release:
+            raise ValueError(f"MIRAGE_FAULT={wanted!r}: the wait action needs MIRAGE_FAULT_RELEASE=<path>")
+        with open(f"{release}.waiting", "w") as out:
+            out.write(str(os.getpid()))
+        while not os.path.exists(release):
+            time.sleep(0.1)
     else:
-        raise ValueError(f"MIRAGE_FAULT={wanted!r}: unknown action {action!r} (kill, raise, oom, enospc)")
+        raise ValueError(f"MIRAGE_FAULT={wanted!r}: unknown action {action!r} (kill, raise, oom, enospc, wait)")
 
 
 def install() -> None:

@@ -8,7 +8,8 @@
 - artifacts: a markdown summary (stages run or up to date and why, seconds,
   key metrics next to the previous run's), a metrics table per stage and
   self-training round, and pictures as `data:` URLs, which Prefect 3.8's UI
-  renders in the page (no file server);
+  renders in the page (no file server), the lineage among them (drawn here:
+  both the classic and the V2 UI show it);
 - alerts: a failed run posts its stage and cause to `alerts.webhook`.
 
 Everything here reads the project's files after the fact; no stage depends on it.
@@ -27,6 +28,8 @@ SUMMARY_KEY = "mirage-summary"
 METRICS_KEY = "mirage-metrics"
 SHEET_KEY = "mirage-discoveries"
 DETECTIONS_KEY = "mirage-detections"
+LINEAGE_KEY = "mirage-lineage"
+TRENDS_KEY = "mirage-trends"
 TOY_MODELS = {"generate.model": "models/generator", "features.encoder": "models/encoder"}
 
 
@@ -146,26 +149,123 @@ def producer(path: str, producers: dict[str, str]) -> str | None:
     return None
 
 
-def lineage(root: Path) -> str:
-    """Each stage's DVC outputs (rows and size) and the stages they were made
-    from, as a Mermaid flowchart: the asset lineage, drawn by the UI's
-    markdown renderer."""
+def lineage_graph(root: Path) -> tuple[dict[str, list[str]], set[tuple[str, str]]]:
+    """Each stage's outputs in words (rows and size), and the edges (made
+    from -> stage) between stages."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         stages = [s for s in repo.index.stages if s.cmd]
         producers = {o.def_path: s.name for s in stages for o in s.outs}
-        lines = ["flowchart LR"]
+        nodes = {}
         for s in stages:
             outs = []
             for o in s.outs:
                 facts = output_facts(root / o.def_path)
                 rows = f"{facts['rows']} rows, " if "rows" in facts else ""
                 outs.append(f"{o.def_path}: {rows}{facts['bytes'] / 1e6:.2f} MB")
-            lines.append(f'  {s.name}["<b>{s.name}</b><br/>{"<br/>".join(outs)}"]')
-        edges = {(producer(d.def_path, producers), s.name) for s in stages for d in s.deps}
-        lines += [f"  {a} --> {b}" for a, b in sorted(edges, key=lambda e: (e[1], str(e[0]))) if a and a != b]
-    return "\n".join(lines)
+            nodes[s.name] = outs
+        edges = {(a, s.name) for s in stages for d in s.deps
+                 if (a := producer(d.def_path, producers)) and a != s.name}
+    return nodes, edges
+
+
+def transitive_reduction(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The edges a -> b with no other path from a to b (a DAG's): what every
+    input comes through stays readable; what is read directly too is implied."""
+    after: dict[str, set[str]] = {}
+    for a, b in edges:
+        after.setdefault(a, set()).add(b)
+
+    def longer_path(a: str, b: str) -> bool:
+        """Whether b is reached from a other than by the edge a -> b itself."""
+        seen, todo = set(), [n for n in after.get(a, ()) if n != b]
+        while todo:
+            node = todo.pop()
+            if node == b:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo += after.get(node, ())
+        return False
+
+    return {(a, b) for a, b in edges if not longer_path(a, b)}
+
+
+def lineage_png(root: Path) -> bytes:
+    """The lineage as a picture (rendered here, so every UI shows it the
+    same): stages top to bottom by how far they are from the sources, each a
+    box with its outputs, an arrow from each stage it was made from (an
+    input that also reaches it through another stage is left implied)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    nodes, edges = lineage_graph(root)
+    edges = transitive_reduction(edges)
+    depth: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            depth[name] = 1 + max((level(a) for a, b in edges if b == name), default=-1)
+        return depth[name]
+
+    rows: dict[int, list[str]] = {}
+    for name in nodes:  # dvc.yaml's order within a row
+        rows.setdefault(level(name), []).append(name)
+    bold, font = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    box_w, line_h, gap_x, gap_y, pad, lane = 290, 16, 24, 44, 8, 10
+    skips = sorted((a, b) for a, b in edges if depth[b] - depth[a] > 1)  # routed around the rows between
+    box_h = {n: pad * 2 + 18 + line_h * len(outs) for n, outs in nodes.items()}
+    row_h = {r: max(box_h[n] for n in names) for r, names in rows.items()}
+    margin = gap_x + lane * (len(skips) + 1)  # a lane each for the edges that skip a row, beside the boxes
+    width = max(len(names) for names in rows.values()) * (box_w + gap_x) - gap_x + 2 * margin
+    height = sum(row_h.values()) + gap_y * (len(rows) + 1)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    where: dict[str, tuple[int, int, int, int]] = {}
+    y = gap_y
+    for r in sorted(rows):
+        names = rows[r]
+        x = (width - len(names) * (box_w + gap_x) + gap_x) // 2
+        for name in names:
+            where[name] = (x, y, x + box_w, y + box_h[name])
+            x += box_w + gap_x
+        y += row_h[r] + gap_y
+
+    def ports(name: str, side: str) -> dict[str, int]:
+        """Where each edge meets the box: spread along its bottom (out) or top (in), by the far end's x."""
+        x0, _, x1, _ = where[name]
+        others = sorted((b if side == "out" else a for a, b in edges if (a if side == "out" else b) == name),
+                        key=lambda o: (where[o][0], o))
+        return {o: x0 + (x1 - x0) * (i + 1) // (len(others) + 1) for i, o in enumerate(others)}
+
+    outs, ins = {n: ports(n, "out") for n in nodes}, {n: ports(n, "in") for n in nodes}
+    color = (120, 120, 140)
+    for a, b in sorted(edges):
+        start, end = (outs[a][b], where[a][3]), (ins[b][a], where[b][1])
+        if (a, b) in skips:  # down, out to a lane beside the boxes, along it, back in above the target
+            i = skips.index((a, b))
+            left = start[0] < width // 2
+            x_lane = (margin - lane * (i + 1)) if left else (width - margin + lane * (i + 1))
+            below, above = start[1] + gap_y // 2 - 4 + i % 3 * 3, end[1] - gap_y // 2 + 4 - i % 3 * 3
+            path = [start, (start[0], below), (x_lane, below), (x_lane, above), (end[0], above), end]
+        else:
+            path = [start, end]
+        draw.line(path, fill=color, width=2, joint="curve")
+        (px, py), (ex, ey) = path[-2], end
+        norm = max(((ex - px) ** 2 + (ey - py) ** 2) ** 0.5, 1e-9)
+        ux, uy = (ex - px) / norm, (ey - py) / norm
+        draw.polygon([end, (ex - 9 * ux + 4 * uy, ey - 9 * uy - 4 * ux), (ex - 9 * ux - 4 * uy, ey - 9 * uy + 4 * ux)],
+                     fill=color)
+    for name, (x0, y0, x1, y1) in where.items():
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=6, fill=(238, 242, 255), outline=(70, 90, 160), width=2)
+        draw.text((x0 + pad, y0 + pad), name, fill=(20, 30, 80), font=bold)
+        for i, out in enumerate(nodes[name]):
+            draw.text((x0 + pad, y0 + pad + 20 + i * line_h), out, fill=(40, 40, 40), font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 # -- artifacts ---------------------------------------------------------------
@@ -285,7 +385,16 @@ def publish(root: Path, results: list, seconds: float, previous: dict | None, ta
         pictures.append(("Test images: ground truth (green), discovered (yellow), detector (red)", png))
     for title, png in pictures:
         markdown += f"\n\n## {title}\n\n![{title}]({data_url(png)})"
-    markdown += f"\n\n## Lineage (DVC outputs as Prefect assets)\n\n```mermaid\n{lineage(root)}\n```\n"
+    from mirage.run.trends import history, trends_png
+
+    trend = trends_png(history(root))
+    if trend:
+        create_image_artifact(data_url(trend), key=TRENDS_KEY, description="Key metrics and stage seconds over the last runs")
+        markdown += f"\n\n## Over the last runs (dashed: params or code changed)\n\n![trends]({data_url(trend)})"
+    title = "Lineage: each stage's DVC outputs (Prefect assets), arrows from what they were made from"
+    lineage = lineage_png(root)
+    create_image_artifact(data_url(lineage), key=LINEAGE_KEY, description=title)
+    markdown += f"\n\n## {title}\n\n![lineage]({data_url(lineage)})\n"
     create_table_artifact(metrics_table(results, metrics), key=METRICS_KEY, description="mirage metrics per stage and round")
     create_markdown_artifact(markdown, key=SUMMARY_KEY, description="mirage pipeline run")
 

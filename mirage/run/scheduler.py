@@ -11,17 +11,32 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirage.data import params as params_mod
+from mirage.run import faults
 from mirage.run.locks import (  # noqa: F401 - part of this module's API
     PipelineError,
     WorkspaceBusy,
     run_lock,
 )
+
+
+class _FrozenNotice(logging.Filter):
+    """DVC's status warns about every frozen stage each time it is asked
+    ("stage: 'train_generator' is frozen. Its dependencies are not going to
+    be shown in the status output."): mirage asks on every run, a no-op
+    included, and says what is frozen in `mirage status` and the summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is frozen. Its dependencies are" not in str(record.msg)
+
+
+logging.getLogger("dvc.repo.status").addFilter(_FrozenNotice())
 
 
 @dataclass
@@ -32,6 +47,7 @@ class StageResult:
     why: list[str] = field(default_factory=list)
     result: object = None  # what the stage's flow returned: item counts, metrics
     restored: bool = False  # outputs checked out from DVC's run-cache instead of computed
+    started: float = 0.0  # wall-clock time (time.time()) its computation began; it ended `seconds` later
 
 
 def open_repo(root: Path):
@@ -107,6 +123,19 @@ def source_changes(repo, stage=None) -> dict[str, list[str]]:
     if sources_changed(root, entries, stage.outs[0].fs_path, produced):
         return {IMPORT: ["files of sources.images added, changed or removed since it ran"]}
     return {}
+
+
+def check_sources(root: Path, entries: tuple[str, ...]) -> None:
+    """sources.images entries that name no file are refused (ParamsError)
+    before params.yaml is written; those inside another stage's output are
+    made by the run first (toyworld's unlabeled scenes)."""
+    from mirage.data.sources import check_entries
+
+    if not entries:
+        return
+    with open_repo(root) as repo:
+        produced = tuple(Path(o.fs_path) for s in repo.index.stages if s.name != IMPORT for o in s.outs)
+    check_entries(Path(root), tuple(entries), produced)
 
 
 def _flatten(value, prefix: str) -> dict[str, object]:
@@ -232,21 +261,58 @@ def busy(root) -> WorkspaceBusy:
                          f"is held): this run did nothing, params.yaml is as it was; try again when it ends")
 
 
+WAIT_FOR_DVC = 120.0  # s: a run that wrote params.yaml waits this long for a `dvc repro` beside it to end
+
+
 @contextlib.contextmanager
-def workspace_lock(repo):
-    """DVC's repo lock for the whole run: one pipeline run per workspace."""
+def workspace_lock(repo, wait: float = 0.0):
+    """DVC's repo lock for the whole run: one pipeline run per workspace.
+    Held by someone else (a `dvc repro` started beside this run: its stage
+    commands are refused by mirage's run lock, so it ends soon), it is tried
+    again for `wait` seconds, then WorkspaceBusy."""
     from dvc.lock import LockError
     from dvc.repo import lock_repo
 
-    try:
-        cm = lock_repo(repo)
-        cm.__enter__()
-    except LockError:
-        raise busy(repo.root_dir) from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            cm = lock_repo(repo)
+            cm.__enter__()
+            break
+        except LockError:
+            if time.monotonic() >= deadline:
+                raise busy(repo.root_dir) from None
+            time.sleep(0.5)
     try:
         yield
     finally:
         cm.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def params_put_back_if_busy(root: Path):
+    """A run refused for a busy workspace after it wrote its `-S` values puts
+    params.yaml back as it was, so that "this run did nothing" is true."""
+    path = Path(root) / "params.yaml"
+    before = path.read_bytes()
+    try:
+        yield
+    except BaseException as err:
+        if _is_busy(err) and path.read_bytes() != before:
+            from mirage.data.store import atomic_write_bytes
+
+            atomic_write_bytes(path, before)
+        raise
+
+
+def _is_busy(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, WorkspaceBusy) or type(err).__name__ == "LockError":
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def check_dvc_free(root: Path) -> None:
@@ -261,10 +327,11 @@ def upstream_stages(repo, stages: list) -> dict[str, set[str]]:
     return {s.name: {u.name for u in graph.successors(s) if u.cmd} for s in stages}
 
 
-def _timed_stage(run_stage, cmd: str) -> tuple[object, float]:
-    start = time.perf_counter()
+def _timed_stage(run_stage, cmd: str) -> tuple[object, float, float]:
+    """What the stage returned, when it started (wall clock) and its seconds."""
+    started, start = time.time(), time.perf_counter()
     output = run_stage(cmd)
-    return output, time.perf_counter() - start
+    return output, started, time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -308,7 +375,7 @@ def run_stages(root: Path, run_stage, force: bool = False, train: tuple[str, ...
 
     log = get_run_logger()
     repo = open_repo(Path(root))
-    with workspace_lock(repo):
+    with workspace_lock(repo, wait=WAIT_FOR_DVC):
         order = stage_order(repo)
         if not force and not train and not stale_in(repo):
             return [StageResult(s.name, ran=False) for s in order]
@@ -387,12 +454,12 @@ def run_stages(root: Path, run_stage, force: bool = False, train: tuple[str, ...
                 for future in ended:
                     stage, why = running.pop(future)
                     try:
-                        output, seconds = future.result()
+                        output, started, seconds = future.result()
                     except Exception as err:
                         failures.append(StageFailed(stage.name, err))
                         failures[-1].__cause__ = err
                         continue
-                    finished[stage.name] = StageResult(stage.name, True, seconds, why, output)
+                    finished[stage.name] = StageResult(stage.name, True, seconds, why, output, started=started)
                     done.add(stage.name)
                 commit_in_order()
                 start_ready()
@@ -411,8 +478,10 @@ def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = 
     params = params_mod.load("params.yaml", overrides)  # bad values fail here, before any work
     if overrides and params != params_mod.load("params.yaml"):  # a scheduled run's overrides are set once
         check_models(params)  # and models that cannot be loaded, before params.yaml changes
+        check_sources(root, params.sources.images)  # and entries naming no file
         check_dvc_free(root)  # `dvc repro` running here would record the new values as its own
         params_mod.write_overrides("params.yaml", overrides)
+        faults.point("params-written")  # tests: a `dvc repro` started from here on must not end this run
     with open_repo(root) as repo:
         frozen = {s.name for s in repo.index.stages if s.frozen}
         if set(train) - frozen:
@@ -436,6 +505,8 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             detail = f" ({counts['computed']} of {counts['items']} items computed" if counts and "items" in counts else ""
             if detail:
                 failed = counts.get("failed")
+                kept = counts["items"] - counts["computed"] - (failed or 0)
+                detail += f", {kept} kept" if kept > 0 else ""
                 detail += f", {failed} failed: listed in {counts.get('errors')})" if failed else ")"
             lines.append(f"  {r.name:<15} ran {r.seconds:.1f} s{detail}")
     metrics = root / "metrics" / "evaluate.json"

@@ -113,6 +113,9 @@ def run_server(root: str | Path, host: str, port: int) -> int:
     atomic_write_json(root / MARKER, {"api_url": api, "ui_url": api.removesuffix("/api"), "pid": proc.pid})
     print(f"mirage server: dashboard at http://{host}:{port} (API {api}); "
           f"`mirage run`, `dvc repro` and `mirage serve` in {root} report here. Ctrl-C stops it.", flush=True)
+    import threading
+
+    threading.Thread(target=_when_up, args=(api, proc), daemon=True).start()
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -122,6 +125,31 @@ def run_server(root: str | Path, host: str, port: int) -> int:
         marker = root / MARKER
         if marker.exists() and json.loads(marker.read_text()).get("pid") == proc.pid:
             marker.unlink()
+
+
+def _when_up(api: str, proc: subprocess.Popen) -> None:
+    """Once the server answers: the automation that marks a run whose process
+    died Crashed (mirage/run/liveness.py)."""
+    import time
+
+    import httpx
+
+    from mirage.run.liveness import ensure_zombie_automation
+
+    while proc.poll() is None:
+        try:
+            if httpx.get(f"{api}/health", timeout=2.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        return
+    try:
+        ensure_zombie_automation(api)
+    except Exception as err:  # the dashboard works without it: runs are still marked by the next run
+        print(f"mirage server: could not create the zombie-run automation ({type(err).__name__}: {err})",
+              file=sys.stderr, flush=True)
 
 
 def _interrupt(signum, frame):

@@ -44,9 +44,20 @@ def parse(stage: str, paths: Sequence[str], argv: Sequence[str] | None) -> tuple
                                          f"project {root}: stage paths stay inside it")
     from mirage.run.locks import _RUN_LOCKS, run_lock
 
-    if Path(root).resolve() not in _RUN_LOCKS:  # a process of its own (`dvc repro`, which unlocks DVC's
+    own_process = Path(root).resolve() not in _RUN_LOCKS
+    if own_process:  # a process of its own (`dvc repro`, which unlocks DVC's
         _TAGS.enter_context(run_lock(root))  # repo while a stage command runs): no `mirage run` beside it
-    connect(Path(args.params).resolve().parent)  # under `dvc repro`: report to the project's `mirage server` if up
+    api = connect(Path(args.params).resolve().parent)  # under `dvc repro`: report to the project's `mirage server` if up
+    if own_process:
+        from prefect import tags
+
+        from mirage.run.liveness import mark_crashed, workspace_tags
+
+        _TAGS.enter_context(tags(*workspace_tags(root)))
+        if api:  # a server that outlives this process: runs of a killed one may still read Running there
+            with contextlib.suppress(Exception):  # the stage runs whether or not the server answers this
+                mark_crashed(root)
+    faults.point("stage-start")  # tests: a stage holding its run's lock, before it computes anything
     experiment = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run` for its stage commands
     if experiment:
         from prefect import tags
@@ -107,6 +118,20 @@ class _Bar(tqdm):
         if self._artifact and time.monotonic() - self._reported >= self.ARTIFACT_EVERY:
             self._report()
         return shown
+
+    def plan(self, kept: int, to_compute: int) -> None:
+        """What a store found made already (the store's `on_plan`): the bar
+        starts there, says so, and its rate counts this run's items only; a
+        run resuming earlier work says it in the log too."""
+        if not kept:
+            return
+        name = self.desc
+        self.initial = kept
+        self.n = self.last_print_n = kept
+        self.set_description_str(f"{name} ({kept} kept, {to_compute} to compute)", refresh=False)
+        if to_compute:
+            logger().info("%s: %d of %d items kept from earlier runs, %d to compute", name, kept, self.total,
+                          to_compute)
 
     def close(self):
         if self._artifact:
