@@ -278,11 +278,17 @@ def workspace_lock(repo, wait: float = 0.0):
         try:
             cm = lock_repo(repo)
             cm.__enter__()
-            break
         except LockError:
-            if time.monotonic() >= deadline:
-                raise busy(repo.root_dir) from None
-            time.sleep(0.5)
+            cm = None
+        # DVC lets go of its repo lock while a stage command of `dvc repro` runs, and keeps that stage's
+        # outputs locked (.dvc/tmp/rwlock): the workspace is busy until that ends too
+        if cm is not None and not _stage_locks_held(repo):
+            break
+        if cm is not None:
+            cm.__exit__(None, None, None)
+        if time.monotonic() >= deadline:
+            raise busy(repo.root_dir) from None
+        time.sleep(0.5)
     try:
         yield
     finally:
@@ -313,6 +319,22 @@ def _is_busy(err: BaseException | None) -> bool:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return False
+
+
+def _stage_locks_held(repo) -> bool:
+    """Whether a live process other than this one holds DVC's read or write
+    lock on some path (`.dvc/tmp/rwlock`: a `dvc repro` stage running)."""
+    import os
+
+    import psutil
+
+    try:
+        locks = json.loads((Path(repo.tmp_dir) / "rwlock").read_text())
+    except (OSError, ValueError):
+        return False
+    holders = [info for infos in locks.get("read", {}).values() for info in infos]
+    holders += list(locks.get("write", {}).values())
+    return any(int(h["pid"]) != os.getpid() and psutil.pid_exists(int(h["pid"])) for h in holders)
 
 
 def check_dvc_free(root: Path) -> None:
