@@ -96,7 +96,8 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
     log = get_run_logger()
     start = time.perf_counter()
     root_path = Path(root).resolve()
-    with contextlib.chdir(root_path), scheduler.run_lock(root_path):  # a scheduled run: one at a time too
+    with contextlib.chdir(root_path), scheduler.run_lock(root_path), \
+            scheduler.params_put_back_if_busy(root_path):  # a scheduled run: one at a time too
         previous = report.read_metrics(root_path)
         params = scheduler.prepare(root_path, overrides or {}, tuple(train or ()))
         tags = report.run_tags(root_path, params) + liveness.workspace_tags(root_path)
@@ -141,7 +142,7 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
             from dvc.lock import LockError
 
             try:
-                with scheduler.open_repo(root) as repo, scheduler.workspace_lock(repo, wait=scheduler.WAIT_FOR_DVC):
+                with scheduler.open_repo(root) as repo, scheduler.workspace_lock(repo, wait=scheduler.dvc_wait(root)):
                     pass  # a `dvc repro` started beside this run after it wrote params.yaml: let it end first
                 nothing = not scheduler.stale(root)
             except LockError:  # a run in progress

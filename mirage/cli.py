@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,9 +17,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     overrides = dict(parse_override(s) for s in args.set)
-    results = pipeline.run(args.root, overrides, force=args.force)
+    with ctrl_c_stops(Path(args.root)) as stopped:
+        results = pipeline.run(args.root, overrides, force=args.force)
+    if stopped:
+        return 130
     print(scheduler.summary(args.root, results, time.perf_counter() - start))
     return 0
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(root: Path):
+    """Ctrl-C: the run stops at the next item, cut or training step of every
+    stage (finished batches kept), its flow runs read Cancelled, exit 130;
+    a second Ctrl-C exits at once (os._exit: outputs are atomic, so nothing
+    is half-written; the next run resumes)."""
+    import signal
+
+    stopped: list[bool] = []
+
+    def on_sigint(signum, frame):
+        if stopped:
+            os.write(2, b"\nmirage: second Ctrl-C: exiting now (finished batches are kept; the next run resumes)\n")
+            os._exit(130)
+        stopped.append(True)
+        os.write(2, b"\nmirage: stopping at the next item or step (Ctrl-C again to exit at once)\n")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stopped
+    except KeyboardInterrupt:
+        stopped[:] = [True]
+        from mirage.run.liveness import mark_cancelled
+
+        with contextlib.suppress(Exception):  # a server that does not answer: the run is stopped all the same
+            names = mark_cancelled(root)
+            if names:
+                print(f"mirage: stopped by Ctrl-C; marked Cancelled: {', '.join(names)}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from mirage.run.server import run_server
 
-    return run_server(args.root, args.host, args.port)
+    return run_server(args.root, args.host, args.port, args.home)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     server = sub.add_parser("server", help="run Prefect's server and dashboard for this project (foreground)")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     server.add_argument("--port", type=int, default=4200)
+    server.add_argument("--home", default=None,
+                        help="the server's PREFECT_HOME (its SQLite database), e.g. .mirage/prefect for a dashboard "
+                             "of this project's runs only (default: PREFECT_HOME, shared by every project)")
     server.set_defaults(func=cmd_server)
     serve = sub.add_parser("serve", help="run the pipeline on a schedule (a Prefect deployment served here)")
     when = serve.add_mutually_exclusive_group()

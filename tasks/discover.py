@@ -18,7 +18,7 @@ from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from mirage.data import schema
 from mirage.data.images import decode_png, encode_mask, mask_to_box
 from mirage.data.params import Discover, Features
-from mirage.data.store import Partial
+from mirage.data.store import Partial, interruption_point
 from mirage.models.devices import compute_dtype, resolve_device
 from mirage.models.encoders import Encoder, load_encoder
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
@@ -173,6 +173,7 @@ def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], pr
 
 def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[Cut]:
     """The cuts `cfg` (a Discover section) asks for, on one image's N x C patch features."""
+    interruption_point("cut")  # a stopped run (Ctrl-C, a cancel) ends here, not at the end of its batch
     if cfg.method == "tokencut":
         return [tokencut(features, grid, cfg.tau, cfg.eps)]
     return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area)

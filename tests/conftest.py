@@ -47,6 +47,7 @@ def prefect_harness(tmp_path_factory):
         # report here too, instead of each starting a temporary server of its own (~7 s apiece); the tests
         # of what happens without a configured API take PREFECT_API_* out of their processes' environment
         os.environ["PREFECT_API_URL"] = get_current_settings().api.url
+        os.environ["DVC_NO_ANALYTICS"] = "1"  # no daemon per `dvc` command trying to reach the internet
         try:
             yield
         finally:

@@ -269,3 +269,59 @@ def test_a_metric_that_falls_posts_the_webhook_and_the_trends_show_it(trained, t
     assert width >= 800 and height >= 400
     assert "## Over the last runs" in found["mirage-summary"]["data"]
     (tmp_path / "trends.png").write_bytes(base64.b64decode(found["mirage-trends"]["data"].split(",", 1)[1]))
+
+
+def test_ctrl_c_in_the_cuts_stops_within_seconds_and_a_second_exits_at_once(project, tmp_path):
+    """`mirage run` held in evaluate's cuts (its 30th cut: discover's 24 come
+    first) gets Ctrl-C: it stops at the next cut, within 5 s, exit 130, its
+    runs Cancelled on the dashboard.  Held again, two Ctrl-C: it exits at
+    once, cleanly (130, no abort).  The next run finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mirage.run import scheduler
+    from mirage.run.liveness import workspace_id
+    from mirage.run.server import configured_api
+
+    api = configured_api()
+
+    def held(name: str, tau: float):
+        release = tmp_path / f"{name}.release"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRAGE_FAULT")}
+        env |= {"PREFECT_API_URL": api, "MIRAGE_FAULT": "cut@30:wait", "MIRAGE_FAULT_RELEASE": str(release)}
+        proc = subprocess.Popen([sys.executable, "-m", "mirage.cli", "--root", str(project), "run",
+                                 "-S", f"discover.tau={tau}"], cwd=project, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not Path(f"{release}.waiting").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        return proc, release
+
+    proc, release = held("once", 0.7)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    release.touch()  # the cut it was in ends; the next one sees the stop
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.monotonic() - start < 5
+    assert "stopping at the next item or step" in err and "marked Cancelled" in err
+    runs = prefect_api(api + "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [
+        f"workspace:{workspace_id(project)}", f"pid:{proc.pid}"]}}})
+    flows = {f["id"]: f["name"] for f in prefect_api(api + "/flows/filter", {})}
+    states = {flows[r["flow_id"]]: r["state_type"] for r in runs}
+    assert states["mirage-pipeline"] == states["evaluate"] == "CANCELLED", states
+
+    proc, release = held("twice", 0.6)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "second Ctrl-C: exiting now" in err, err[-3000:]
+    assert "terminate called" not in err and "Aborted" not in err
+
+    assert cli_main(["--root", str(project), "run"]) == 0  # tau 0.6 as written: discover and evaluate finish
+    assert scheduler.stale(project) == {}

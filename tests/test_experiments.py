@@ -58,30 +58,25 @@ def experiments(root: Path) -> dict[str, dict]:
     return out
 
 
-def test_dvc_exp_run_twice_and_exp_show_lists_both_with_their_metrics(repo):
-    base = json.loads((repo / "metrics/evaluate.json").read_text())
-    sh(repo, "dvc", "exp", "run", "-n", "grid-3", "-S", "evaluate.grid_images=3")
-    sh(repo, "dvc", "exp", "run", "-n", "grid-6", "-S", "evaluate.grid_images=6")
-    shown = experiments(repo)
-    for name, grid in (("grid-3", 3), ("grid-6", 6)):
-        assert shown[name]["params"]["evaluate"]["grid_images"] == grid
-        # metrics are versioned (not `!`), and are the run's own: grid_images draws, it changes no metric
-        assert shown[name]["metrics"] == scalars(base)
-    assert "discovery.corloc" in sh(repo, "dvc", "metrics", "diff", "grid-3", "grid-6", "--all", "--json")
-
-
-def test_a_mirage_run_is_an_experiment_named_like_its_flow_run(repo):
+def test_dvc_exp_run_and_a_mirage_run_are_experiments_exp_show_lists_with_their_metrics(repo):
+    """`dvc exp run -S` (DVC runs the stage commands), then a `mirage run`
+    (saved as an experiment named like its flow run): `dvc exp show` lists
+    both with their params and the metrics their runs wrote."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
     base = json.loads((repo / "metrics/evaluate.json").read_text())
+    sh(repo, "dvc", "exp", "run", "-n", "grid-3", "-S", "evaluate.grid_images=3")
     assert [r.name for r in pipeline.run(repo, {"evaluate.grid_images": 7}) if r.ran] == ["evaluate"]
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["mirage-pipeline"])),
                                     sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
     assert f"exp:{run.name}" in run.tags
     shown = experiments(repo)
-    assert shown[run.name]["params"]["evaluate"]["grid_images"] == 7
+    for name, grid in (("grid-3", 3), (run.name, 7)):
+        assert shown[name]["params"]["evaluate"]["grid_images"] == grid
+        # metrics are versioned (not `!`), and are the run's own: grid_images draws, it changes no metric
+        assert shown[name]["metrics"] == scalars(base)
     assert base == json.loads((repo / "metrics/evaluate.json").read_text())
-    assert shown[run.name]["metrics"] == scalars(base)
+    assert "discovery.corloc" in sh(repo, "dvc", "metrics", "diff", "grid-3", run.name, "--all", "--json")

@@ -111,14 +111,14 @@ STAGE_TABLES = {"toyworld": ["data/toyworld/train", "data/toyworld/test"], "gene
                 "features": ["data/features"], "discover": ["data/discovery"]}
 STAGE_FILES = {"discover": ["data/discovery.coco.json"]}  # whole files a stage writes beside its tables
 # each stage killed at these points in turn (the tiny project: toyworld renders a batch per split, generate and
-# features have 3 batches of 8 images, discover one batch of 24).  Every stage is killed mid-batch, after a saved
-# batch (what it must not redo) and once more at one of the store's own points (shards written, manifest renamed:
-# toyworld at both, and every point on the bare store above) after its last batch: a process apiece costs ~10 s
-CHAINS = {
-    "toyworld": ["batch@2", "batch-saved@1", "shards-written@1", "manifest-replace@1"],
-    "generate": ["batch@2", "batch-saved@1", "shards-written"],
-    "features": ["batch@2", "batch-saved@1", "manifest-replace"],
-    "discover": ["batch@1", "batch-saved@1", "shards-written"],
+# features have 3 batches of 8 images, discover one batch of 24).  Each stage is killed twice or more, mid-batch,
+# after a saved batch or at the store's own points (shards written, manifest renamed: every one of them on the bare
+# store above too); the final run computes only what no killed run saved (a process apiece costs ~10 s)
+CHAINS = {  # stage: (its kill points in turn, the items no killed run saved, computed by the final run)
+    "toyworld": (["batch@2", "batch-saved@1", "shards-written@1", "manifest-replace@1"], 0),
+    "generate": (["batch@2", "batch-saved@1"], 8),  # 2 of its 3 batches saved
+    "features": (["batch@2", "shards-written"], 0),
+    "discover": (["batch-saved@1", "manifest-replace"], 0),
 }
 
 
@@ -159,7 +159,8 @@ def test_stage_killed_at_every_point_resumes_byte_identical(done, tmp_path, stag
         (root / name).unlink()
     shutil.rmtree(root / ".mirage" / "pool" / stage, ignore_errors=True)  # no rows to restore: all computed again
     saved: set[str] = set()
-    for fault in CHAINS[stage]:
+    points, left = CHAINS[stage]
+    for fault in points:
         killed = run_stage(root, stage, fault)
         assert killed.returncode == -signal.SIGKILL, f"{fault}: {killed.stderr[-2000:]}"
         for table in tables:
@@ -173,7 +174,7 @@ def test_stage_killed_at_every_point_resumes_byte_identical(done, tmp_path, stag
     assert final.returncode == 0, final.stderr[-3000:]
     result = json.loads(final.stdout.split(RESULT)[-1])
     counts = list(result.values()) if stage == "toyworld" else [result]
-    assert sum(c["computed"] for c in counts) == 0  # every item was finished by the killed runs
+    assert sum(c["computed"] for c in counts) == left  # what the killed runs saved is not redone
     assert {t: files(root / t) for t in tables} | {f: (root / f).read_bytes() for f in extra} == reference
     assert temps(root / "data") == [] and temps(root / ".mirage") == []
 

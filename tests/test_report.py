@@ -74,3 +74,29 @@ def test_history_survives_a_torn_line_and_the_trends_picture_draws_every_run(tmp
     img = Image.open(io.BytesIO(trends.trends_png(runs + [entry("run3", "p2", "abd", 0.5, 0.6, 20)])))
     assert img.size == (900, 590)
     assert trends.trends_png([]) is None
+
+
+def test_the_offline_plots_page_is_what_the_package_bundles_and_dvc_uses_it():
+    """.dvc/plots/offline.html (committed) holds vega, vega-lite and
+    vega-embed itself, no CDN; DVC's config points `dvc plots` at it."""
+    from mirage.run import plots
+
+    committed = (Path(__file__).resolve().parents[1] / plots.TEMPLATE).read_text()
+    assert committed == plots.template_html()  # `python -m mirage.run.plots` rewrites it
+    assert "{plot_divs}" in committed and "{scripts}" not in committed and "cdn.jsdelivr" not in committed
+    assert "window.vegaEmbed=" in committed
+    config = (Path(__file__).resolve().parents[1] / ".dvc" / "config").read_text()
+    assert "html_template = plots/offline.html" in config
+
+
+def test_the_pr_picture_draws_a_line_per_round(tmp_path):
+    from mirage.run import plots
+
+    for k, drop in ((0, 0.5), (1, 0.9)):
+        rows = "\n".join(f"{r / 10:.2f},{1.0 if r / 10 < drop else 0.2:.4f}" for r in range(11))
+        (tmp_path / f"round-{k}.csv").write_text("recall,precision\n" + rows + "\n")
+    img = Image.open(io.BytesIO(plots.pr_png(tmp_path))).convert("RGB")
+    assert img.size == (560, 420)
+    colors = {img.getpixel((x, y)) for x in range(56, 396) for y in range(28, 368)}
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # round 0 and round 1
+    assert plots.pr_png(tmp_path / "none") is None

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY for mirage's processes (Prefect's minimum)
-ZOMBIE_AFTER_SECONDS = 55  # no heartbeat for this long after one: the run's process is dead
+ZOMBIE_AFTER_SECONDS = 50  # no heartbeat for this long after one (they come every 30 s): the process is dead
 
 
 def workspace_id(root: str | Path) -> str:
@@ -43,26 +43,49 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def mark_crashed(root: str | Path) -> list[str]:
-    """Mark Crashed the workspace's flow runs still Running (or Cancelling)
-    whose process is gone; call it holding the run lock, with a Prefect API
-    configured.  Returns the names of the runs marked."""
-    from prefect.client.orchestration import get_client
+def _runs_of(client, root: str | Path, pid: int | None, states) -> list:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
         FlowRunFilterTags,
     )
+
+    tags = [f"workspace:{workspace_id(root)}"] + ([f"pid:{pid}"] if pid is not None else [])
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        tags=FlowRunFilterTags(all_=tags), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states))))
+
+
+def mark_cancelled(root: str | Path) -> list[str]:
+    """This process's runs on the workspace, stopped by Ctrl-C, read
+    Cancelled (Prefect records an interrupted flow as Crashed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    marked = []
+    with get_client(sync_client=True) as client:
+        for run in _runs_of(client, root, os.getpid(), [StateType.RUNNING, StateType.CRASHED, StateType.CANCELLING,
+                                                        StateType.PENDING, StateType.FAILED]):
+            if run.state and run.state.type == StateType.FAILED and "StageStopped" not in (run.state.message or ""):
+                continue  # a stage that failed by itself keeps its failure
+            client.set_flow_run_state(run.id, Cancelled(message="stopped by Ctrl-C (finished batches are kept; "
+                                                                "the next run resumes)"), force=True)
+            marked.append(run.name)
+    return marked
+
+
+def mark_crashed(root: str | Path) -> list[str]:
+    """Mark Crashed the workspace's flow runs still Running (or Cancelling)
+    whose process is gone; call it holding the run lock, with a Prefect API
+    configured.  Returns the names of the runs marked."""
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     marked = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[f"workspace:{workspace_id(root)}"]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.CANCELLING]))))
-        for run in runs:
+        for run in _runs_of(client, root, None, [StateType.RUNNING, StateType.CANCELLING]):
             pids = [int(t.split(":", 1)[1]) for t in run.tags if t.startswith("pid:") and t[4:].isdigit()]
             if not pids or any(p == os.getpid() or _alive(p) for p in pids):
                 continue

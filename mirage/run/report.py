@@ -30,6 +30,7 @@ SHEET_KEY = "mirage-discoveries"
 DETECTIONS_KEY = "mirage-detections"
 LINEAGE_KEY = "mirage-lineage"
 TRENDS_KEY = "mirage-trends"
+PR_KEY = "mirage-pr"
 TOY_MODELS = {"generate.model": "models/generator", "features.encoder": "models/encoder"}
 
 
@@ -385,7 +386,13 @@ def publish(root: Path, results: list, seconds: float, previous: dict | None, ta
         pictures.append(("Test images: ground truth (green), discovered (yellow), detector (red)", png))
     for title, png in pictures:
         markdown += f"\n\n## {title}\n\n![{title}]({data_url(png)})"
+    from mirage.run.plots import pr_png
     from mirage.run.trends import history, trends_png
+
+    pr = pr_png(root / "plots" / "pr")
+    if pr:
+        create_image_artifact(data_url(pr), key=PR_KEY, description="Detector precision-recall per self-training round")
+        markdown += f"\n\n## Detector precision-recall (IoU 0.5), each self-training round\n\n![pr curves]({data_url(pr)})"
 
     trend = trends_png(history(root))
     if trend:

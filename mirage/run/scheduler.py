@@ -262,6 +262,15 @@ def busy(root) -> WorkspaceBusy:
 
 
 WAIT_FOR_DVC = 120.0  # s: a run that wrote params.yaml waits this long for a `dvc repro` beside it to end
+WROTE_PARAMS: set[Path] = set()  # roots whose params.yaml this process's run in progress has written
+
+
+def dvc_wait(root: Path) -> float:
+    """How long a run waits for DVC's lock: once it wrote params.yaml it
+    must not give up at the first try (a `dvc repro` started beside it is
+    refused by the run lock and ends soon); before, it is refused at once,
+    having touched nothing."""
+    return WAIT_FOR_DVC if Path(root).resolve() in WROTE_PARAMS else 0.0
 
 
 @contextlib.contextmanager
@@ -309,6 +318,8 @@ def params_put_back_if_busy(root: Path):
 
             atomic_write_bytes(path, before)
         raise
+    finally:
+        WROTE_PARAMS.discard(Path(root).resolve())
 
 
 def _is_busy(err: BaseException | None) -> bool:
@@ -397,7 +408,7 @@ def run_stages(root: Path, run_stage, force: bool = False, train: tuple[str, ...
 
     log = get_run_logger()
     repo = open_repo(Path(root))
-    with workspace_lock(repo, wait=WAIT_FOR_DVC):
+    with workspace_lock(repo, wait=dvc_wait(root)):
         order = stage_order(repo)
         if not force and not train and not stale_in(repo):
             return [StageResult(s.name, ran=False) for s in order]
@@ -503,6 +514,7 @@ def prepare(root: Path, overrides: dict | None = None, train: tuple[str, ...] = 
         check_sources(root, params.sources.images)  # and entries naming no file
         check_dvc_free(root)  # `dvc repro` running here would record the new values as its own
         params_mod.write_overrides("params.yaml", overrides)
+        WROTE_PARAMS.add(Path(root).resolve())  # from here on, DVC's lock is waited for, not given up on
         faults.point("params-written")  # tests: a `dvc repro` started from here on must not end this run
     with open_repo(root) as repo:
         frozen = {s.name for s in repo.index.stages if s.frozen}

@@ -94,8 +94,9 @@ def start_temporary_server() -> str | None:
     return temp.api_url
 
 
-def run_server(root: str | Path, host: str, port: int) -> int:
-    """Run `prefect server start` in the foreground until interrupted."""
+def run_server(root: str | Path, host: str, port: int, home: str | Path | None = None) -> int:
+    """Run `prefect server start` in the foreground until interrupted; with
+    `home`, its database lives there (relative to the project root)."""
     from mirage.data.store import atomic_write_json
 
     root = Path(root).resolve()
@@ -107,6 +108,10 @@ def run_server(root: str | Path, host: str, port: int) -> int:
     env.pop("PREFECT_API_URL", None)  # the server is the API; a client setting would point it elsewhere
     env["PREFECT_UI_API_URL"] = api  # the UI calls this API (its default is 127.0.0.1:4200 whatever the port)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if home:
+        home = root / home
+        home.mkdir(parents=True, exist_ok=True)
+        env["PREFECT_HOME"] = str(home)  # its SQLite database: this project's runs only
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, and removes the marker

@@ -93,6 +93,23 @@ class StageStopped(RuntimeError):
     """The pipeline run was stopped while this stage ran (in a thread of it)."""
 
 
+def _stop_here(point: str) -> None:
+    """Between batches of the store and before every cut (points of
+    mirage.data.store.interruption_point): a stopped run's stages end here."""
+    if point in ("cut", "batch", "batch-saved") and STOP.is_set():
+        raise StageStopped(f"the pipeline run was stopped (at {point})")
+
+
+def _install_stop_points() -> None:
+    from mirage.data import store
+
+    if _stop_here not in store.INTERRUPTION_HOOKS:
+        store.INTERRUPTION_HOOKS.append(_stop_here)
+
+
+_install_stop_points()
+
+
 class _Bar(tqdm):
     """tqdm on stderr, mirrored (inside a flow run) to a Prefect progress
     artifact updated every few seconds, so the dashboard shows long stages move."""
