@@ -301,19 +301,24 @@ def test_ctrl_c_in_the_cuts_stops_within_seconds_and_a_second_exits_at_once(proj
             time.sleep(0.2)
         return proc, release
 
+    from datetime import datetime, timezone
+
     proc, release = held("once", 0.7)
-    start = time.monotonic()
+    start, interrupted = time.monotonic(), datetime.now(timezone.utc)
     proc.send_signal(signal.SIGINT)
     release.touch()  # the cut it was in ends; the next one sees the stop
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # the process, Prefect's exit included
     assert "stopping at the next item or step" in err and "marked Cancelled" in err
     runs = prefect_api(api + "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [
         f"workspace:{workspace_id(project)}", f"pid:{proc.pid}"]}}})
     flows = {f["id"]: f["name"] for f in prefect_api(api + "/flows/filter", {})}
-    states = {flows[r["flow_id"]]: r["state_type"] for r in runs}
-    assert states["mirage-pipeline"] == states["evaluate"] == "CANCELLED", states
+    states = {flows[r["flow_id"]]: r["state"] for r in runs}
+    assert states["mirage-pipeline"]["type"] == states["evaluate"]["type"] == "CANCELLED", states
+    stopped = datetime.fromisoformat(states["mirage-pipeline"]["timestamp"]) - interrupted
+    print(f"stopped and marked Cancelled {stopped.total_seconds():.1f} s after Ctrl-C")
+    assert stopped.total_seconds() < 5  # the run: its stages ended, its state says so
 
     proc, release = held("twice", 0.6)
     proc.send_signal(signal.SIGINT)
