@@ -155,6 +155,9 @@ def test_a_run_reports_to_the_server_and_the_dashboard_shows_it_in_a_browser(ser
         lineage = driver.find_element("css selector", "img[alt='lineage']")
         assert lineage.size["width"] >= 600, lineage.size  # shown at a readable width
         lineage.screenshot(str(SHOTS / "lineage.png"))
+        trends = driver.find_element("css selector", "img[alt='trends']")  # the finished project's runs so far
+        assert trends.size["width"] >= 600, trends.size
+        trends.screenshot(str(SHOTS / "trends.png"))
         # the classic UI, which a fresh browser may open, shows the same picture
         page_text(driver, f"{server.url}/artifacts/artifact/{found['mirage-summary']}", "discovery CorLoc")
         wait_for(lambda: (w := loaded_images(driver)) and len(w) >= 3 and w, 30, "the classic UI's pictures")
