@@ -100,7 +100,8 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
             scheduler.params_put_back_if_busy(root_path):  # a scheduled run: one at a time too
         previous = report.read_metrics(root_path)
         params = scheduler.prepare(root_path, overrides or {}, tuple(train or ()))
-        tags = report.run_tags(root_path, params) + liveness.workspace_tags(root_path)
+        whose = liveness.workspace_tags(root_path)
+        tags = report.run_tags(root_path, params) + whose
         report.tag_this_run(tags)
         mark_crashed(root_path, log)
         producers = {}
@@ -110,7 +111,7 @@ def mirage_pipeline(root: str = ".", overrides: dict[str, Any] | None = None, fo
                 producers.update({o.def_path: s.name for s in repo.index.stages for o in s.outs})
             report.record_assets(root_path, stage, producers, params)
 
-        with prefect_tags(*liveness.workspace_tags(root_path)):  # the stage runs': whose they are
+        with prefect_tags(*whose):  # the stage runs': whose they are
             results = scheduler.run_stages(root_path, run_stage_inprocess, force, tuple(train or ()),
                                            on_stage=after_stage, params=params, load_stage=stage_module)
         seconds = time.perf_counter() - start

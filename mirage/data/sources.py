@@ -85,9 +85,15 @@ def check_entries(root: Path, entries: tuple[str, ...], produced: tuple[Path, ..
     the import stage would, but before anything is written: an entry inside
     one of the `produced` paths that is not there yet is made by the
     pipeline first, and is checked when the import stage runs."""
-    made_later = [e for e in entries if not glob.has_magic(e) and not (root / e).exists()
-                  and any((root / e).absolute().is_relative_to(Path(p).absolute()) for p in produced)]
-    find_files(tuple(e for e in entries if e not in made_later), root)
+    later = made_later(root, entries, produced)
+    find_files(tuple(e for e in entries if e not in later), root)
+
+
+def made_later(root: Path, entries: tuple[str, ...], produced: tuple[Path, ...]) -> list[str]:
+    """The entries not there yet that lie inside one of the `produced` paths
+    (another stage's output): the pipeline makes them before the import stage."""
+    return [e for e in entries if not glob.has_magic(e) and not (root / e).exists()
+            and any((root / e).absolute().is_relative_to(Path(p).absolute()) for p in produced)]
 
 
 def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, produced: tuple[Path, ...] = ()) -> bool:
@@ -99,7 +105,6 @@ def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, pro
     recorded = recorded_scan(table)
     if recorded is None:
         return False
-    missing = [e for e in entries if not glob.has_magic(e) and not (root / e).exists()]
-    if any(any((root / e).absolute().is_relative_to(Path(p).absolute()) for p in produced) for e in missing):
+    if made_later(root, entries, produced):
         return True
     return recorded != scan_digest(find_files(entries, root))

@@ -53,6 +53,12 @@ WORK = ".work"
 INTERRUPTION_HOOKS: list[Callable[[str], None]] = []
 
 
+def add_interruption_hook(hook: Callable[[str], None]) -> None:
+    """Register `hook(point_name)` to act at every interruption point, once."""
+    if hook not in INTERRUPTION_HOOKS:
+        INTERRUPTION_HOOKS.append(hook)
+
+
 def interruption_point(name: str) -> None:
     """Let the registered hooks act at the named point (no hook: nothing happens)."""
     for hook in INTERRUPTION_HOOKS:

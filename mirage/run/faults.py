@@ -80,10 +80,9 @@ def point(name: str) -> None:
 
 def install() -> None:
     """Act at the store's interruption points too (mirage.data.store), once per process."""
-    from mirage.data import store
+    from mirage.data.store import add_interruption_hook
 
-    if point not in store.INTERRUPTION_HOOKS:
-        store.INTERRUPTION_HOOKS.append(point)
+    add_interruption_hook(point)
 
 
 install()  # every stage command, runner and worker imports this module before any store writes

@@ -33,16 +33,6 @@ def workspace_tags(root: str | Path) -> list[str]:
     return [f"project:{root.name}", f"workspace:{workspace_id(root)}", f"pid:{os.getpid()}"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def _runs_of(client, root: str | Path, pid: int | None, states) -> list:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -79,6 +69,7 @@ def mark_crashed(root: str | Path) -> list[str]:
     """Mark Crashed the workspace's flow runs still Running (or Cancelling)
     whose process is gone; call it holding the run lock, with a Prefect API
     configured.  Returns the names of the runs marked."""
+    import psutil
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
@@ -87,7 +78,7 @@ def mark_crashed(root: str | Path) -> list[str]:
     with get_client(sync_client=True) as client:
         for run in _runs_of(client, root, None, [StateType.RUNNING, StateType.CANCELLING]):
             pids = [int(t.split(":", 1)[1]) for t in run.tags if t.startswith("pid:") and t[4:].isdigit()]
-            if not pids or any(p == os.getpid() or _alive(p) for p in pids):
+            if not pids or any(p == os.getpid() or psutil.pid_exists(p) for p in pids):
                 continue
             since = run.start_time.strftime("%Y-%m-%d %H:%M:%S UTC") if run.start_time else "its start"
             message = (f"its process (pid {pids[0]}) is gone: killed (SIGKILL, the OOM killer, a reboot) while it "

@@ -119,10 +119,14 @@ def source_changes(repo, stage=None) -> dict[str, list[str]]:
         return {}
     root = Path(repo.root_dir)
     entries = params_mod.load(root / "params.yaml").sources.images
-    produced = tuple(Path(o.fs_path) for s in repo.index.stages if s.name != IMPORT for o in s.outs)
-    if sources_changed(root, entries, stage.outs[0].fs_path, produced):
+    if sources_changed(root, entries, stage.outs[0].fs_path, produced_paths(repo)):
         return {IMPORT: ["files of sources.images added, changed or removed since it ran"]}
     return {}
+
+
+def produced_paths(repo) -> tuple[Path, ...]:
+    """The outputs of every stage but import: where a sources.images entry may not exist yet."""
+    return tuple(Path(o.fs_path) for s in repo.index.stages if s.name != IMPORT for o in s.outs)
 
 
 def check_sources(root: Path, entries: tuple[str, ...]) -> None:
@@ -134,7 +138,7 @@ def check_sources(root: Path, entries: tuple[str, ...]) -> None:
     if not entries:
         return
     with open_repo(root) as repo:
-        produced = tuple(Path(o.fs_path) for s in repo.index.stages if s.name != IMPORT for o in s.outs)
+        produced = produced_paths(repo)
     check_entries(Path(root), tuple(entries), produced)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirage.data import params as params_mod
+from mirage.data.store import add_interruption_hook
 from mirage.run import faults
 from mirage.run.server import connect
 
@@ -100,14 +101,7 @@ def _stop_here(point: str) -> None:
         raise StageStopped(f"the pipeline run was stopped (at {point})")
 
 
-def _install_stop_points() -> None:
-    from mirage.data import store
-
-    if _stop_here not in store.INTERRUPTION_HOOKS:
-        store.INTERRUPTION_HOOKS.append(_stop_here)
-
-
-_install_stop_points()
+add_interruption_hook(_stop_here)
 
 
 class _Bar(tqdm):
