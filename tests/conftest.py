@@ -1,12 +1,21 @@
 """Shared fixtures: a Prefect test server for the session and tiny projects."""
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one compute thread each (no OpenMP spinning)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 from ci_skips import pytest_runtest_makereport  # noqa: F401 - a skip on CI fails unless declared (tests/ci_skips.py)
 
 import mirage  # noqa: F401 - its Prefect settings (no telemetry, startup timeout) before any server starts
@@ -70,6 +79,61 @@ def prefect_api(url: str, body: dict | None = None, attempts: int = 8):
         time.sleep(min(2 ** attempt * 0.25, 4.0))
     response.raise_for_status()
     return response.json()
+
+
+def api(path: str, body: dict | None = None):
+    """A call to the session's Prefect server (`path` under its /api)."""
+    from prefect.settings import get_current_settings
+
+    return prefect_api(get_current_settings().api.url + path, body)
+
+
+def artifacts_of(flow_run_ids: list[str]) -> list[dict]:
+    return api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200})
+
+
+def png_size(url: str) -> tuple[int, int]:
+    from PIL import Image
+
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP server standing in for alerts.webhook: (its URL, the JSON bodies it received)."""
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    _Hook.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", _Hook.received
+    server.shutdown()
+
+
+# Test files by how long they take (measured, slowest first).  The suite runs on
+# two workers a file at a time (pyproject: `-n 2 --dist loadfile`, so a file's
+# module fixtures are made once); started first, the long files do not leave
+# one worker finishing alone at the end.
+LONG_FILES = ["test_server.py", "test_faults.py", "test_pipeline.py", "test_dashboard.py", "test_concurrency.py",
+              "test_real_profile.py", "test_scale_out.py", "test_import.py", "test_models.py", "test_bad_items.py",
+              "test_resources.py", "test_postgres.py", "test_experiments.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

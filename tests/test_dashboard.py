@@ -3,16 +3,11 @@ table, pictures, progress, assets), and what a failed run tells: the state
 message and the webhook alert.  Read back from the session's Prefect server."""
 from __future__ import annotations
 
-import base64
-import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import UNFROZEN, prefect_api
-from PIL import Image
+from conftest import UNFROZEN, api, artifacts_of, png_size, prefect_api
 
 from mirage.cli import main as cli_main
 from mirage.data import params as params_mod
@@ -30,21 +25,6 @@ OUTPUTS = {  # DVC outputs of the stages that ran, and one upstream asset each m
     "plots/detections.png": "models/detector",
     "plots/pr": "models/detector",
 }
-
-
-def api(path: str, body: dict | None = None):
-    from prefect.settings import get_current_settings
-
-    return prefect_api(get_current_settings().api.url + path, body)
-
-
-def artifacts_of(flow_run_ids: list[str]) -> list[dict]:
-    return api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200})
-
-
-def png_size(url: str) -> tuple[int, int]:
-    assert url.startswith("data:image/png;base64,")
-    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
 
 
 def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
@@ -107,28 +87,6 @@ def test_every_output_is_an_asset_with_its_upstream_assets_and_facts(finished):
         assert event["payload"]["bytes"] > 0 and event["payload"]["params_digest"]
     assert ours[f"{root_uri}/data/generated"]["payload"]["rows"] == 24
     assert ours[f"{root_uri}/data/toyworld"]["payload"]["rows"] == 48 + 40 + 24  # train, test, ood
-
-
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self):
-        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def webhook():
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    _Hook.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", _Hook.received
-    server.shutdown()
 
 
 def test_a_failed_run_names_stage_items_and_cause_and_posts_the_webhook(project, webhook, monkeypatch, capsys):
@@ -219,56 +177,6 @@ def test_a_killed_run_reads_crashed_after_the_next_run(project, tmp_path):
         assert f"its process (pid {killed.pid}) is gone: killed" in message and str(project) in message
     new = [(name, r["state_type"]) for name, r in workspace_runs() if r["id"] not in {d["id"] for _, d in dead}]
     assert new == [("evaluate", "COMPLETED"), ("mirage-pipeline", "COMPLETED"), ("train_detector", "COMPLETED")]
-
-
-def test_a_metric_that_falls_posts_the_webhook_and_the_trends_show_it(trained, tmp_path, webhook, monkeypatch):
-    """Two runs of evaluate with the same params (the first restored from
-    DVC's run-cache), the second after a code change that shifts the
-    detector's boxes by 8 px (an injected regression).  Its AP50 falls by more
-    than alerts.max_drop: the webhook hears which metric, from what to what;
-    the trends picture holds both runs."""
-    import shutil
-
-    import numpy as np
-
-    import tasks.evaluate
-    from mirage.run import trends
-
-    project = tmp_path / "project"
-    shutil.copytree(trained, project, symlinks=True)
-    url, received = webhook
-    earlier = len(trends.history(project, None))  # the finished and the trained project's runs
-    params_mod.write_overrides(project / "params.yaml", {"alerts.webhook": url, "alerts.max_drop": 0.1})
-    (project / "metrics/evaluate.json").unlink()  # evaluate is stale, the params are as they were
-    assert cli_main(["--root", str(project), "run"]) == 0
-    assert received == []  # the first run of these params: nothing to compare with
-    real = tasks.evaluate.predict
-
-    def shifted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        for d in out:
-            d["boxes"] = d["boxes"] + np.array([8, 8, 0, 0], dtype=d["boxes"].dtype)
-        return out
-
-    monkeypatch.setattr(tasks.evaluate, "predict", shifted)  # what this process runs (stages run in-process)
-    with (project / "tasks" / "evaluate.py").open("a") as code:  # and what DVC sees: evaluate's code changed
-        code.write("\n# the boxes shifted by 8 px (a regression injected by the test)\n")
-    assert cli_main(["--root", str(project), "run"]) == 0
-    runs = trends.history(project, None)[earlier:]
-    assert len(runs) == 2 and runs[0]["params"] == runs[1]["params"]
-    fell = {r["metric"]: r for r in received}
-    assert "test: detector AP50" in fell and "discovery CorLoc" not in fell  # discovery did not change
-    drop = fell["test: detector AP50"]
-    assert drop["old"] == runs[0]["metrics"]["test: detector AP50"] and drop["new"] == runs[1]["metrics"]["test: detector AP50"]
-    assert drop["old"] - drop["new"] > 0.1 and drop["cause"] == "metric drop" and "fell from" in drop["text"]
-    assert drop["compared_with"] == runs[0]["flow_run"] and drop["flow_run"] == runs[1]["flow_run"]
-    latest = api("/flow_runs/filter", {"flows": {"name": {"any_": ["mirage-pipeline"]}}, "sort": "START_TIME_DESC",
-                                       "limit": 1})[0]
-    found = {a["key"]: a for a in artifacts_of([latest["id"]])}
-    width, height = png_size(found["mirage-trends"]["data"])
-    assert width >= 800 and height >= 400
-    assert "## Over the last runs" in found["mirage-summary"]["data"]
-    (tmp_path / "trends.png").write_bytes(base64.b64decode(found["mirage-trends"]["data"].split(",", 1)[1]))
 
 
 def test_ctrl_c_in_the_cuts_stops_within_seconds_and_a_second_exits_at_once(project, tmp_path):

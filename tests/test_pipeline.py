@@ -2,6 +2,7 @@
 its quality held by bands, then staleness, status and reruns."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import api, artifacts_of, png_size
 
 from flows import pipeline
 from mirage.cli import main as cli_main
+from mirage.data.params import write_overrides
 from mirage.data.store import read_table
 from mirage.run import scheduler
 
@@ -63,6 +66,55 @@ def test_the_trained_detector_holds_its_bands(trained):
     assert rounds[-1]["ap50"] >= DETECTOR_AP50_MIN and rounds[-1]["ap"] >= DETECTOR_AP_MIN
     assert rounds[-1]["class_aware"]["ap50"] >= CLASS_AWARE_AP50_MIN  # the prompt's class, learned
     assert metrics["splits"]["ood"]["detector"][-1]["ap50"] >= OOD_AP50_MIN
+
+
+@pytest.mark.slow
+def test_a_metric_that_falls_posts_the_webhook_and_the_trends_show_it(trained, tmp_path, webhook, monkeypatch):
+    """Two runs of evaluate with the same params (the first restored from
+    DVC's run-cache), the second after a code change that shifts the
+    detector's boxes by 8 px (an injected regression).  Its AP50 falls by more
+    than alerts.max_drop: the webhook hears which metric, from what to what;
+    the trends picture holds both runs."""
+    import numpy as np
+
+    import tasks.evaluate
+    from mirage.run import trends
+
+    project = tmp_path / "project"
+    shutil.copytree(trained, project, symlinks=True)
+    url, received = webhook
+    earlier = len(trends.history(project, None))  # the finished and the trained project's runs
+    write_overrides(project / "params.yaml", {"alerts.webhook": url, "alerts.max_drop": 0.1})
+    (project / "metrics/evaluate.json").unlink()  # evaluate is stale, the params are as they were
+    assert cli_main(["--root", str(project), "run"]) == 0
+    assert received == []  # the first run of these params: nothing to compare with
+    real = tasks.evaluate.predict
+
+    def shifted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for d in out:
+            d["boxes"] = d["boxes"] + np.array([8, 8, 0, 0], dtype=d["boxes"].dtype)
+        return out
+
+    monkeypatch.setattr(tasks.evaluate, "predict", shifted)  # what this process runs (stages run in-process)
+    with (project / "tasks" / "evaluate.py").open("a") as code:  # and what DVC sees: evaluate's code changed
+        code.write("\n# the boxes shifted by 8 px (a regression injected by the test)\n")
+    assert cli_main(["--root", str(project), "run"]) == 0
+    runs = trends.history(project, None)[earlier:]
+    assert len(runs) == 2 and runs[0]["params"] == runs[1]["params"]
+    fell = {r["metric"]: r for r in received}
+    assert "test: detector AP50" in fell and "discovery CorLoc" not in fell  # discovery did not change
+    drop = fell["test: detector AP50"]
+    assert drop["old"] == runs[0]["metrics"]["test: detector AP50"] and drop["new"] == runs[1]["metrics"]["test: detector AP50"]
+    assert drop["old"] - drop["new"] > 0.1 and drop["cause"] == "metric drop" and "fell from" in drop["text"]
+    assert drop["compared_with"] == runs[0]["flow_run"] and drop["flow_run"] == runs[1]["flow_run"]
+    latest = api("/flow_runs/filter", {"flows": {"name": {"any_": ["mirage-pipeline"]}}, "sort": "START_TIME_DESC",
+                                       "limit": 1})[0]
+    found = {a["key"]: a for a in artifacts_of([latest["id"]])}
+    width, height = png_size(found["mirage-trends"]["data"])
+    assert width >= 800 and height >= 400
+    assert "## Over the last runs" in found["mirage-summary"]["data"]
+    (tmp_path / "trends.png").write_bytes(base64.b64decode(found["mirage-trends"]["data"].split(",", 1)[1]))
 
 
 def test_editing_runtime_code_leaves_every_stage_up_to_date(project, capsys):

@@ -127,3 +127,92 @@ def test_a_resumed_update_says_what_it_kept_and_its_bar_starts_there(tmp_path, c
     plans.clear()
     store(tmp_path).update(wanted(10), Counter(), batch_size=3, on_plan=lambda *a: plans.append(a))
     assert plans == [(10, 0)]  # nothing to do: all kept
+
+
+def interleaved(n, every):
+    """n old items with a new one after every `every`-th: how raising
+    generate.per_prompt grows a table (new items among the old)."""
+    out = []
+    for i in range(n):
+        out.append((f"k{i}", i))
+        if i % every == every - 1:
+            out.append((f"k{1000 + i}", 1000 + i))
+    return out
+
+
+def test_items_inserted_among_old_ones_rewrite_only_new_shards_and_read_back_in_order(tmp_path):
+    """+10% interleaved over 40 items: the 10 full old shards stay byte for
+    byte, the new items land in new shards, and every reader sees the rows in
+    the wanted order, as a from-scratch table holds them."""
+    from mirage.data.store import OrderedReader, iter_rows, read_manifest
+
+    grown, scratch = tmp_path / "grown", tmp_path / "scratch"
+    store(grown).update(wanted(40), Counter(), batch_size=8)
+    before = files(grown)
+    more = Counter()
+    stats = store(grown).update(interleaved(40, 10), more, batch_size=8)
+    assert more.computed == [1009, 1019, 1029, 1039] and stats.reused == 40
+    after = files(grown)
+    shards = [name for name in before if name.startswith("part-")]
+    assert len(shards) == 10 and all(after[name] == before[name] for name in shards)  # old shards untouched
+    new = [name for name in after if name not in before]
+    assert sorted(n.split("-")[0] for n in new) == ["order", "part"]  # one shard of the 4 new rows, and the order
+    store(scratch).update(interleaved(40, 10), Counter(), batch_size=8)
+    want = [k for k, _ in interleaved(40, 10)]
+    for root in (grown, scratch):
+        assert read_table(root).column("key").to_pylist() == want
+        assert [r["key"] for r in iter_rows(root, ["key", "value"], batch_rows=3)] == want
+    assert read_table(grown).equals(read_table(scratch))
+    assert [r["value"] for r in OrderedReader(grown, ["value"]).take(want[9:13])] == [81, 1009 * 1009, 100, 121]
+    assert read_manifest(grown)["rows"] == 44 and read_manifest(scratch)["order"] is None
+
+
+def test_a_no_op_reads_no_shard_and_writes_nothing(tmp_path, monkeypatch):
+    """Same keys again: answered from the manifest (a digest of the keys and a
+    stat per shard); not one shard is opened, no file is rewritten."""
+    import mirage.data.store as store_module
+
+    store(tmp_path).update(interleaved(12, 3), Counter(), batch_size=4)
+    store(tmp_path).update(interleaved(16, 3), Counter(), batch_size=4)  # a table with an order file
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    monkeypatch.setattr(store_module, "_key_index", lambda *a: pytest.fail("a no-op read the shards' keys"))
+    again = Counter()
+    stats = store(tmp_path).update(interleaved(16, 3), again, batch_size=4)
+    assert again.computed == [] and (stats.reused, stats.computed, stats.dropped) == (21, 0, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+
+
+def test_dropping_items_rewrites_only_the_shards_that_lose_rows(tmp_path):
+    store(tmp_path).update(wanted(16), Counter(), batch_size=8)
+    before = files(tmp_path)
+    stats = store(tmp_path).update([w for w in wanted(16) if w[1] not in (5, 6)], Counter(), batch_size=8)
+    assert stats.dropped == 2 and stats.computed == 0
+    after = files(tmp_path)
+    kept = [name for name in before if name.startswith("part-") and name in after]
+    assert len(kept) == 3 and all(after[name] == before[name] for name in kept)
+    assert read_table(tmp_path).column("value").to_pylist() == [i * i for i in range(16) if i not in (5, 6)]
+
+
+def test_a_table_of_the_old_layout_is_read_and_updated_without_recomputing(tmp_path):
+    """A manifest of the first layout (every key listed) still reads, and the
+    first update keeps its full shards and computes nothing."""
+    import json
+
+    from mirage.data.store import read_manifest
+
+    store(tmp_path).update(wanted(10), Counter(), batch_size=4)
+    manifest = read_manifest(tmp_path)
+    keys = read_table(tmp_path).column("key").to_pylist()
+    legacy, at = [], 0
+    for shard in manifest["shards"]:
+        legacy.append({"file": shard["file"], "rows": shard["rows"], "keys": keys[at : at + shard["rows"]]})
+        at += shard["rows"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": legacy}))
+    assert read_table(tmp_path).column("key").to_pylist() == keys
+    before = files(tmp_path)
+    again = Counter()
+    stats = store(tmp_path).update(wanted(10), again, batch_size=4)
+    assert again.computed == [] and stats.reused == 10
+    assert {n: b for n, b in files(tmp_path).items() if n != "manifest.json"} == \
+        {n: b for n, b in before.items() if n != "manifest.json"}
+    assert read_manifest(tmp_path)["layout"] == 2
