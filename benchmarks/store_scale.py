@@ -67,8 +67,12 @@ def load_store(variant: str):
         sys.path.insert(0, str(ROOT))
         from mirage.data import store
         return store
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE}:mirage/data/store.py"],
-                            capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE}:mirage/data/store.py"],
+                           capture_output=True, text=True)
+    if shown.returncode:
+        raise SystemExit(f"the store before (commit {BEFORE}) is not in this clone's history "
+                         f"(`git fetch --unshallow`), or leave it out: --variants 'now (list)' 'now (Wanted)'")
+    source = shown.stdout
     path = Path(tempfile.mkdtemp(prefix="mirage-store-before-")) / "store_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("store_before", path)

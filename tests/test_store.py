@@ -195,7 +195,8 @@ def test_dropping_items_rewrites_only_the_shards_that_lose_rows(tmp_path):
 
 def test_a_table_of_the_old_layout_is_read_and_updated_without_recomputing(tmp_path):
     """A manifest of the first layout (every key listed) still reads, and the
-    first update keeps its full shards and computes nothing."""
+    first update computes nothing, rewrites no shard (its full shards are
+    linked under this layout's names) and leaves what a scratch run writes."""
     import json
 
     from mirage.data.store import read_manifest
@@ -203,6 +204,10 @@ def test_a_table_of_the_old_layout_is_read_and_updated_without_recomputing(tmp_p
     store(tmp_path).update(wanted(10), Counter(), batch_size=4)
     manifest = read_manifest(tmp_path)
     keys = read_table(tmp_path).column("key").to_pylist()
+    for n, shard in enumerate(manifest["shards"]):  # the first layout's names
+        old_name = f"part-{n:05d}-{shard['file'][5:17]}.parquet"
+        (tmp_path / shard["file"]).rename(tmp_path / old_name)
+        shard["file"] = old_name
     legacy, at = [], 0
     for shard in manifest["shards"]:
         legacy.append({"file": shard["file"], "rows": shard["rows"], "keys": keys[at : at + shard["rows"]]})
@@ -213,6 +218,31 @@ def test_a_table_of_the_old_layout_is_read_and_updated_without_recomputing(tmp_p
     again = Counter()
     stats = store(tmp_path).update(wanted(10), again, batch_size=4)
     assert again.computed == [] and stats.reused == 10
-    assert {n: b for n, b in files(tmp_path).items() if n != "manifest.json"} == \
-        {n: b for n, b in before.items() if n != "manifest.json"}
-    assert read_manifest(tmp_path)["layout"] == 2
+    assert sorted(b for n, b in files(tmp_path).items() if n.startswith("part-")) == \
+        sorted(b for n, b in before.items() if n.startswith("part-"))  # not one shard rewritten
+    store(tmp_path / "scratch").update(wanted(10), Counter(), batch_size=4)
+    assert files(tmp_path / "scratch") == {n: b for n, b in files(tmp_path).items() if not n.startswith("scratch/")}
+
+
+def test_the_scale_benchmark_grows_a_table_by_rewriting_about_what_it_adds(tmp_path):
+    """benchmarks/store_scale.py at 20k items (20 shards of 1024), the current
+    store: +1% appended or interleaved writes under 5% of the table's bytes,
+    a no-op writes nothing, every case computes only what is new."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "store_scale.py"), "--sizes", "20000",
+                           "--variants", "now (list)", "now (Wanted)", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| 20,000 | now (Wanted) |" in done.stdout
+    for variant, cases in json.loads(out.read_text())["20000"].items():
+        assert cases["scratch"]["computed"] == 20000 and cases["no-op"]["computed"] == 0, variant
+        assert cases["no-op"]["written"] == 0, variant
+        for grown in ("+1% at the end", "+1% interleaved"):
+            assert cases[grown]["computed"] == 200, (variant, grown)
+            assert 0 < cases[grown]["written"] <= 0.05 * cases[grown]["table_bytes"], (variant, grown, cases[grown])

@@ -493,6 +493,10 @@ class ShardStore:
             if not len(fids):
                 writer.write_table(schema.empty_table())
 
+    def _shard_name(self, keys: pa.Array) -> str:
+        """A shard's file name: a hash of its keys and the table's metadata (its bytes follow from them)."""
+        return f"part-{keys_digest(keys, self.metadata)[:16]}.parquet"
+
     def _finalize(self, keys: pa.Array, fids: np.ndarray, rows: np.ndarray, files: list[Path], n_shards: int,
                   old: dict[str, Any], failed: dict[str, tuple[str, str]]) -> None:
         """Write the table of `keys` (row i from files[fids[i]], rows[i]).
@@ -520,13 +524,15 @@ class ShardStore:
             first_of = dict(zip(ids.tolist(), first.tolist()))
             for s in kept:
                 entry = old["shards"][s]
-                ends = {"first": entry["keys"][0], "last": entry["keys"][-1]} if "keys" in entry else \
-                    {"first": entry["first"], "last": entry["last"]}
-                entries.append((first_of[s], {"file": entry["file"], "rows": entry["rows"], **ends}, s))
+                if "keys" in entry:  # a shard of the first layout: linked under this layout's name for its keys
+                    name = self._shard_name(pa.array(entry["keys"], pa.string()))
+                    _link(self.root / entry["file"], self.root / name)  # the old name goes after the manifest
+                    entry = {"file": name, "rows": entry["rows"], "first": entry["keys"][0], "last": entry["keys"][-1]}
+                entries.append((first_of[s], {k: entry[k] for k in ("file", "rows", "first", "last")}, s))
         for start in range(0, max(len(loose), 1), self.shard_rows):
             part = loose[start : start + self.shard_rows]
             part_keys = keys.take(pa.array(part, pa.int64()))
-            name = f"part-{keys_digest(part_keys, self.metadata)[:16]}.parquet"
+            name = self._shard_name(part_keys)
             path = self.root / name
             if not path.exists():
                 self._write(path, files, fids[part], rows[part])
@@ -566,6 +572,17 @@ class ShardStore:
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` names the same bytes as `src` (a hard link, or a copy where links fail)."""
+    if dst.exists():
+        return
+    with writing(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 @dataclass
