@@ -37,9 +37,17 @@ CASES = ["scratch", "no-op", "+1% at the end", "+1% interleaved"]
 VARIANTS = ["before (list)", "now (list)", "now (Wanted)"]
 
 
-def bulk_keys(n: int, salt: int) -> pa.Array:
-    """n distinct 16-hex-digit keys (splitmix64 of 0..n-1), made by numpy."""
-    x = np.arange(n, dtype=np.uint64) + np.uint64(salt << 40)
+def bulk_keys(n: int, salt: int, chunk: int = 1 << 20) -> pa.Array:
+    """n distinct 16-hex-digit keys (splitmix64 of 0..n-1), made by numpy a
+    million at a time (so the keys, ~20 bytes each, are what stays in memory)."""
+    if n > chunk:
+        return pa.concat_arrays([_hex_keys(start, min(n, start + chunk), salt) for start in range(0, n, chunk)])
+    return _hex_keys(0, n, salt)
+
+
+def _hex_keys(start: int, end: int, salt: int) -> pa.Array:
+    n = end - start
+    x = np.arange(start, end, dtype=np.uint64) + np.uint64(salt << 40)
     x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
