@@ -24,7 +24,8 @@ only after it is in place.
 
 Streaming: `prepare` (reading and decoding a batch's inputs) runs in a
 background thread up to `prefetch` batches ahead of `compute` (the model), and
-memory holds a few batches, not the table.
+memory holds a few batches of rows and the key index (Arrow and NumPy arrays,
+about 60 bytes an item when the table changes), not the table.
 
 Pool: rows that stop being wanted can be kept in a pool directory outside the
 output (e.g. the features of the previous encoder), so switching back restores
@@ -371,9 +372,9 @@ class ShardStore:
         _check_unique(keys, self.root)  # (the table's own keys, the no-op above, were unique when written)
         files, n_shards, pool_from = self._sources(old)
         have, have_file, have_row, table_rows = _key_index(files, n_shards)
-        pos = pc.fill_null(pc.index_in(keys, value_set=have), -1).to_numpy().astype(np.int64)
+        pos = pc.fill_null(pc.index_in(keys, value_set=have), -1).to_numpy()
         where_file = np.full(n, -1, np.int32)  # per wanted item: the file holding its row (-1: none yet) ...
-        where_row = np.zeros(n, np.int64)  # ... and the row
+        where_row = np.zeros(n, np.int32)  # ... and the row
         found = pos >= 0
         where_file[found], where_row[found] = have_file[pos[found]], have_row[pos[found]]
         missing = np.flatnonzero(~found)
@@ -635,10 +636,10 @@ def _key_index(files: list[Path], n_shards: int) -> tuple[pa.Array, np.ndarray, 
         column = pq.read_table(f, columns=["key"]).column("key").combine_chunks().cast(pa.string())
         keys.append(column)
         fids.append(np.full(len(column), i, np.int32))
-        rows.append(np.arange(len(column), dtype=np.int64))
+        rows.append(np.arange(len(column), dtype=np.int32))
         table_rows += len(column) if i < n_shards else 0
     if not keys:
-        return pa.array([], pa.string()), np.zeros(0, np.int32), np.zeros(0, np.int64), 0
+        return pa.array([], pa.string()), np.zeros(0, np.int32), np.zeros(0, np.int32), 0
     return pa.concat_arrays(keys), np.concatenate(fids), np.concatenate(rows), table_rows
 
 
