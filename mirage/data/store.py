@@ -802,7 +802,7 @@ class OrderedReader:
 def table_metadata(root: str | Path) -> dict[str, str]:
     """The key-value metadata (provenance) of the table at `root`."""
     root = Path(root)
-    first = json.loads((root / MANIFEST).read_text())["shards"][0]["file"]
+    first = read_manifest(root)["shards"][0]["file"]
     meta = pq.read_schema(root / first).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items()}
 
