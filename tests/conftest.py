@@ -122,13 +122,14 @@ def webhook():
     server.shutdown()
 
 
-# Test files by how long they take (measured, slowest first).  The suite runs on
-# two workers a file at a time (pyproject: `-n 2 --dist loadfile`, so a file's
-# module fixtures are made once); started first, the long files do not leave
-# one worker finishing alone at the end.
-LONG_FILES = ["test_server.py", "test_faults.py", "test_pipeline.py", "test_dashboard.py", "test_concurrency.py",
-              "test_real_profile.py", "test_scale_out.py", "test_import.py", "test_models.py", "test_bad_items.py",
-              "test_resources.py", "test_postgres.py", "test_experiments.py"]
+# Test files by how long they take (measured on 2 cores, slowest first).  The
+# suite runs on two workers a file at a time (pyproject: `-n 2 --dist loadfile
+# --no-loadscope-reorder`, so a file's module fixtures are made once); handed
+# out longest first, the files finish close together on both workers.
+LONG_FILES = ["test_pipeline.py", "test_faults.py", "test_server.py", "test_concurrency.py", "test_scale_out.py",
+              "test_dashboard.py", "test_real_profile.py", "test_import.py", "test_item_keys.py", "test_bad_params.py",
+              "test_models.py", "test_experiments.py", "test_postgres.py", "test_resources.py", "test_real_models.py",
+              "test_quality.py", "test_curate.py"]
 
 
 def pytest_collection_modifyitems(config, items):
