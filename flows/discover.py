@@ -18,20 +18,24 @@ from mirage.data.store import (
 )
 from mirage.run.runner import open_runner
 from mirage.run.stage import command, parse, pool_dir, progress, report_errors
+from tasks.curate import kept_ids
 from tasks.discover import BATCH, VERSION, DiscoverJob, coco_detections
 
 
 @flow(name="discover")
 def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out: str, coco: str,
-                  runner: Runner = Runner(), errors: Errors = Errors(), imported: str | None = None) -> dict[str, float]:
+                  runner: Runner = Runner(), errors: Errors = Errors(), imported: str | None = None,
+                  kept: set[str] | None = None) -> dict[str, float]:
     """Objects in every image of `discover.sources` (generated: `images`,
-    imported: `imported`); named by zero-shot with the configured encoder
+    imported: `imported`; of the generated ones only those in `kept` when
+    given: stage curate's); named by zero-shot with the configured encoder
     (`features.encoder`, on `features.device` in `features.dtype`)."""
     log = get_run_logger()
     tables = {"generated": images, "imported": imported}
     columns = ["id", "image", "class_name", "width", "height"]
     imgs = {r["id"]: {**r, "source": name} for name in cfg.sources if tables.get(name)
-            for r in read_table(tables[name], columns=columns).to_pylist()}
+            for r in read_table(tables[name], columns=columns).to_pylist()
+            if kept is None or name != "generated" or r["id"] in kept}
     meta = table_metadata(features)
     grid = tuple(int(v) for v in meta["grid"].split(","))
     table = read_table(features, columns=["key", "id", "patches"])
@@ -75,9 +79,10 @@ def discover_flow(cfg: Discover, fcfg: Features, images: str, features: str, out
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("discover", ["images", "imported", "features", "out", "coco"], argv)
+    params, args = parse("discover", ["images", "imported", "features", "curated", "out", "coco"], argv)
+    kept = kept_ids(args.curated) if params.curate.enabled else None
     return discover_flow(params.discover, params.features, args.images, args.features, args.out, args.coco,
-                         params.runner, params.errors, args.imported)
+                         params.runner, params.errors, args.imported, kept)
 
 
 if __name__ == "__main__":

@@ -20,25 +20,28 @@ from tasks.evaluate import evaluate, pr_csv
 
 @flow(name="evaluate")
 def evaluate_flow(params: Params, test: str, images: str, features: str, detector: str, metrics: str,
-                  plots: str, ood: str | None = None) -> dict:
+                  plots: str, ood: str | None = None, reference: str | None = None, real: str | None = None) -> dict:
     """Metrics on the test split and, side by side, on the ood split (`ood`,
     when it holds scenes): TokenCut's and MaskCut's discovery, and the
     detector of every round (its pseudo-labels' teacher is discovery)."""
     with open_runner(params.runner, "evaluate") as run:  # the splits' discovery: on Dask workers with kind dask
-        result, curves, grid_png = evaluate(params, run, test, images, features, detector, ood)
+        result, curves, grid_png, quality_png = evaluate(params, run, test, images, features, detector, ood,
+                                                         reference, real)
     atomic_write_json(Path(metrics), result)
     for r, curve in enumerate(curves):  # one file per self-training round: `dvc plots` draws each
         atomic_write_bytes(Path(plots) / "pr" / f"round-{r}.csv", pr_csv(curve))
     atomic_write_bytes(Path(plots) / "detections.png", grid_png)
+    atomic_write_bytes(Path(plots) / "quality.png", quality_png)
     get_run_logger().info("metrics: %s", result)
     return result
 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("evaluate", ["test", "ood", "images", "features", "detector", "metrics", "plots"], argv)
+    params, args = parse("evaluate", ["test", "ood", "images", "features", "reference", "real", "detector", "metrics",
+                                      "plots"], argv)
     return evaluate_flow(params, args.test, args.images, args.features, args.detector, args.metrics, args.plots,
-                         args.ood)
+                         args.ood, args.reference, args.real)
 
 
 if __name__ == "__main__":

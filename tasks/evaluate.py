@@ -18,6 +18,7 @@ from mirage.data.store import read_table
 from mirage.models.devices import resolve_device
 from mirage.models.encoders import ImageEncoder, load_encoder, load_patch_backbone
 from mirage.models.fingerprint import encoder_spec
+from tasks.quality import generation_quality, quality_png, scene_classes
 from tasks.train_detector import load_detector, predict
 
 
@@ -273,11 +274,14 @@ SIDE_BY_SIDE = ("ap", "ap50", "ap75", "ar100")  # the COCO measures compared per
 
 
 def evaluate(params: Params, run, test: str, images: str, features: str, detector: str,
-             ood: str | None = None) -> tuple[dict, list[np.ndarray], bytes]:
+             ood: str | None = None, reference: str | None = None,
+             real: str | None = None) -> tuple[dict, list[np.ndarray], bytes, bytes]:
     """The metrics (test split and, when `ood` holds scenes, the ood split
-    side by side), each round's PR curve and the example grid (PNG).  `run`:
-    a runner (mirage/run/runner.py `open_runner`) the splits' discovery is
-    mapped on."""
+    side by side), each round's PR curve, the example grid (PNG) and the
+    distribution metrics' picture (PNG; `reference`: the features stage's
+    sample of real images; `real`: their scenes, whose
+    classes give the per-class measures).  `run`: a runner
+    (mirage/run/runner.py `open_runner`) the splits' discovery is mapped on."""
     cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
     gt = load_test_split(test, list(dcfg.classes))
     splits = {"test": gt}
@@ -303,16 +307,23 @@ def evaluate(params: Params, run, test: str, images: str, features: str, detecto
                          (rounds if name == "test" else detector_rounds(detector, split, cfg.score_thresh)[0])],
         }
     alignment, n_generated = generation_alignment(encoder, images, features, dcfg)
+    quality, quality_plot = None, quality_png({}, "no distribution metrics (evaluate.quality_n: 0)")
+    if reference and cfg.quality_n:
+        classes_of = scene_classes(real) if real and cfg.reference == "toyworld" else {}
+        quality = generation_quality(images, features, reference, classes_of, tuple(dcfg.classes), cfg.quality_n,
+                                     cfg.quality_k, cfg.random_seed, cfg.quality_bootstrap)
+        quality["reference"] = "toyworld train split" if cfg.reference == "toyworld" else "imported images"
+        quality_plot = quality_png(quality, f"generated vs {quality['reference']} ({fcfg.encoder} embeddings)")
     result = {
         "discovery": {"method": dcfg.method, "backbone": fcfg.patch_backbone, "encoder": fcfg.encoder,
                       "corloc": found["corloc"], "ap50": found["ap50"],
                       "corloc_random_weights": discovery_metrics(random, gt["boxes"], size, cfg.iou)["corloc"]},
         "detector": {**rounds[-1], "rounds": rounds},
-        "generation": {"prompt_alignment": alignment, "images": n_generated},
+        "generation": {"prompt_alignment": alignment, "images": n_generated, "quality": quality},
         "test_images": len(gt["images"]),
         "splits": side_by_side,
     }
     n = min(cfg.grid_images, len(gt["images"]))
     top = [[d["boxes"][0].tolist()] if len(d["boxes"]) else [] for d in dets[:n]]
     grid = draw_grid(gt["images"][:n], gt["boxes"][:n], [[top_box(f)] for f in learned[:n]], top)
-    return result, curves, grid
+    return result, curves, grid, quality_plot

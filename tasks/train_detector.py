@@ -282,17 +282,20 @@ def _xyxy(boxes) -> torch.Tensor:
 
 
 def pseudo_labelled(images_dir: str, objects_dir: str, classes: list[str] | None,
-                    imported_dir: str | None = None,
-                    drop_spanning: bool = False) -> tuple[np.ndarray, list[dict], list[str]]:
+                    imported_dir: str | None = None, drop_spanning: bool = False,
+                    only: set[str] | None = None) -> tuple[np.ndarray, list[dict], list[str]]:
     """Images with their discovered boxes (images without a box are skipped),
     generated then imported, and each one's source.  Labels: 1 for every box
     (class-agnostic) or, given `classes`, the generating prompt's class where
     known, else the zero-shot label.  With `drop_spanning`, a box as wide or
     as tall as its image is no pseudo-label (a cut of the background: see
     TrainDetector.drop_spanning).  Images of another size than the first are
-    resized to it, their boxes and masks with them."""
+    resized to it, their boxes and masks with them.  `only`: these image ids
+    alone (a subset, as benchmarks/curate_pays.py compares)."""
     labelled: dict[str, dict] = {}
     for r in read_table(objects_dir, columns=["image_id", "prompt_class", "objects"]).to_pylist():
+        if only is not None and r["image_id"] not in only:
+            continue
         found = [o for o in r["objects"] if o["box"][2] > 0 and o["box"][3] > 0]
         if not found:
             continue

@@ -174,7 +174,7 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 FROZEN = ["train_generator", "train_encoder"]
-UNFROZEN = ["toyworld", "import", "generate", "features", "discover", "train_detector", "evaluate"]
+UNFROZEN = ["toyworld", "import", "generate", "features", "curate", "discover", "train_detector", "evaluate"]
 
 
 @dataclass

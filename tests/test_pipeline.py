@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import api, artifacts_of, png_size
@@ -57,6 +58,31 @@ def test_first_run_writes_every_output_and_holds_the_quality_bands(done):
     assert set(images.column("class_name").to_pylist()) == {"circle", "square", "triangle"}
     assert len(set(images.column("seed").to_pylist())) == 24  # one recorded seed per item
     assert all(m.startswith("generator@") for m in images.column("model").to_pylist())
+    # distribution metrics at one N on both sides (24 generated; 48 train scenes: 2 x 24 reference), the floor,
+    # intervals and classes; curate is off by default: every generated image kept
+    q = metrics["generation"]["quality"]
+    assert q["n"] == q["floor"]["n"] == 24 and q["reference_images"] == 48 and q["reference"] == "toyworld train split"
+    assert set(q["ci95"]) == {"fd", "kid", "precision", "recall", "density", "coverage"}
+    assert {c: m["n"] for c, m in q["per_class"].items()} == {"circle": 8, "square": 8, "triangle": 8}
+    assert read_table(done / "data/reference").num_rows == 48
+    assert (done / "plots/quality.png").stat().st_size > 0
+    curated = pq.read_table(done / "data/curated/curated.parquet").to_pylist()
+    assert len(curated) == 24 and all(r["kept"] for r in curated)
+
+
+@pytest.mark.slow
+def test_curate_on_keeps_a_balanced_subset_that_discover_alone_sees(project):
+    ran = [r.name for r in pipeline.run(project, {"curate.enabled": True, "curate.clusters": [6, 2], "curate.target": 12})
+           if r.ran]
+    assert ran == ["curate", "discover", "train_detector", "evaluate"]
+    curated = pq.read_table(project / "data/curated/curated.parquet").to_pylist()
+    kept = {r["id"] for r in curated if r["kept"]}
+    assert len(kept) == 12 and all(r["reason"] in ("duplicate", "balance") for r in curated if not r["kept"])
+    assert set(read_table(project / "data/discovery").column("image_id").to_pylist()) == kept
+    assert (project / "data/curated/duplicates.png").exists()
+    again = pipeline.run(project, {"curate.target": 13})  # one image more: the clusters and decisions stand
+    assert [r.name for r in again if r.ran][:2] == ["curate", "discover"]
+    assert next(r for r in again if r.name == "curate").result["reused"] == 24
 
 
 @pytest.mark.slow

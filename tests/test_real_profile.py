@@ -61,7 +61,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
             "generate.image_size": 32, "features.encoder": str(models["clip"]),
             "features.patch_backbone": "encoder:keys", "discover.tau": 0.2}
     first = pipeline.run(root, real)
-    assert [r.name for r in first if r.ran] == ["generate", "features", "discover", "train_detector", "evaluate"]
+    assert [r.name for r in first if r.ran] == ["generate", "features", "curate", "discover", "train_detector", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     d = metrics["discovery"]
     assert d["encoder"] == str(models["clip"]) and d["backbone"] == "encoder:keys"
@@ -83,7 +83,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
 
     # a timm ViT (no text tower): objects stay unnamed, no prompt alignment
     timm = pipeline.run(root, {"features.encoder": str(models["timm"])})
-    assert [r.name for r in timm if r.ran] == ["features", "discover", "train_detector", "evaluate"]
+    assert [r.name for r in timm if r.ran] == ["features", "curate", "discover", "train_detector", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["generation"]["prompt_alignment"] is None
     assert table_metadata(root / "data/features")["grid"] == "14,14,384"

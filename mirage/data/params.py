@@ -254,11 +254,28 @@ class Sources(Section):
 Source = Literal["generated", "imported"]
 
 
+class Curate(Section):
+    """Stage curate: which generated images discover and train_detector use."""
+
+    enabled: bool = False  # off: every image is kept (the stage records them all)
+    dedup_eps: float = Field(default=0.05, gt=0, lt=1)  # duplicates: cosine > 1 - dedup_eps within a cluster
+    clusters: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=(24, 6), min_length=1)  # k per level
+    per_cluster: int | None = Field(default=None, ge=1)  # at most this many per first-level cluster
+    target: int | None = Field(default=None, ge=1)  # images kept in all, balanced over the cluster tree
+    seed: int = 0
+
+
 class Evaluate(Section):
     iou: float = Field(gt=0, le=1)
     random_seed: int
     score_thresh: float = Field(ge=0, le=1)
     grid_images: int = Field(ge=0)
+    # distribution metrics of the generated images (FD, KID, precision/recall, density/coverage) against
+    # `reference` (toyworld: the train split; imported: sources.images), both at N = quality_n
+    reference: Literal["toyworld", "imported"] = "toyworld"
+    quality_n: int = Field(default=250, ge=0)  # 0: no distribution metrics
+    quality_k: int = Field(default=5, ge=1)  # neighbours of the k-NN manifolds (prdc's k)
+    quality_bootstrap: int = Field(default=50, ge=0)  # resamples for the 95% intervals
 
 
 class Alerts(Section):
@@ -352,6 +369,7 @@ class Params(Section):
     features: Features
     discover: Discover
     train_detector: TrainDetector
+    curate: Curate = Curate()
     evaluate: Evaluate
     alerts: Alerts = Alerts()
     runner: Runner = Runner()

@@ -31,6 +31,8 @@ DETECTIONS_KEY = "mirage-detections"
 LINEAGE_KEY = "mirage-lineage"
 TRENDS_KEY = "mirage-trends"
 PR_KEY = "mirage-pr"
+QUALITY_KEY = "mirage-quality"
+DUPLICATES_KEY = "mirage-duplicates"
 TOY_MODELS = {"generate.model": "models/generator", "features.encoder": "models/encoder"}
 
 
@@ -289,6 +291,11 @@ def key_metrics(m: dict | None) -> dict[str, float | None]:
     out = {"discovery CorLoc": m["discovery"]["corloc"],
            "discovery CorLoc, random weights": m["discovery"]["corloc_random_weights"]}
     out |= {"detector AP (last round)": rounds[-1]["ap"], "prompt alignment": m["generation"]["prompt_alignment"]}
+    quality = m["generation"].get("quality") or {}
+    if "fd" in quality:  # generated vs real images at N (the floor: real vs real at the same N)
+        where = f"generated vs {quality['reference']}, N {quality['n']}"
+        out |= {f"{name} ({where})": quality[name] for name in ("fd", "kid", "precision", "recall", "density", "coverage")}
+        out |= {f"{name}, real vs real floor": quality["floor"][name] for name in ("fd", "precision", "recall", "coverage")}
     if not m.get("splits"):  # metrics of an older run: the test split's rounds only
         out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
     for name, split in sorted(m.get("splits", {}).items(), key=lambda kv: kv[0] != "test"):
@@ -384,6 +391,18 @@ def publish(root: Path, results: list, seconds: float, previous: dict | None, ta
         create_image_artifact(data_url(png), key=DETECTIONS_KEY,
                               description="Test images: ground truth (green), discovered (yellow), detector (red)")
         pictures.append(("Test images: ground truth (green), discovered (yellow), detector (red)", png))
+    quality = root / "plots" / "quality.png"
+    if quality.exists() and (metrics or {}).get("generation", {}).get("quality"):
+        png = quality.read_bytes()
+        create_image_artifact(data_url(png), key=QUALITY_KEY,
+                              description="Generated vs real images: precision, recall, density, coverage per class")
+        pictures.append(("Generated vs real images: precision, recall, density, coverage (grey: real vs real)", png))
+    duplicates = root / "data" / "curated" / "duplicates.png"
+    if duplicates.exists():  # written only when curate.enabled
+        png = duplicates.read_bytes()
+        create_image_artifact(data_url(png), key=DUPLICATES_KEY,
+                              description="Stage curate: the largest duplicate groups (kept image first)")
+        pictures.append(("Curate: the largest duplicate groups (kept image first, framed green)", png))
     for title, png in pictures:
         markdown += f"\n\n## {title}\n\n![{title}]({data_url(png)})"
     from mirage.run.plots import pr_png

@@ -558,6 +558,12 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             "  AP50 by self-training round  " + " -> ".join(f"{r['ap50']:.3f}" for r in m["detector"]["rounds"]),
             f"  prompt alignment      {m['generation']['prompt_alignment'] or float('nan'):.3f}",
         ]
+        q = m["generation"].get("quality") or {}
+        if "fd" in q:
+            f = q["floor"]
+            lines.append(f"  generated vs real     FD {q['fd']:.4f} (floor {f['fd']:.4f}), precision / recall "
+                         f"{q['precision']:.3f} / {q['recall']:.3f} (floor {f['precision']:.3f} / {f['recall']:.3f}), "
+                         f"density / coverage {q['density']:.3f} / {q['coverage']:.3f}  (N {q['n']}, {q['reference']})")
         def coco(x: dict) -> str:
             return " / ".join(f"{x[k]:.3f}" if isinstance(x.get(k), float) else "–" for k in ("ap", "ap50", "ap75"))
 

@@ -31,6 +31,8 @@ def trend_metrics(m: dict | None) -> dict[str, float]:
             out[f"{split}: detector AP50"] = rounds[-1]["ap50"]
     if m.get("generation", {}).get("prompt_alignment") is not None:
         out["prompt alignment"] = m["generation"]["prompt_alignment"]
+    quality = m.get("generation", {}).get("quality") or {}
+    out |= {f"generated {name}": quality[name] for name in ("precision", "recall", "coverage") if name in quality}
     return out
 
 
