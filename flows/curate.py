@@ -41,7 +41,7 @@ def curate_flow(cfg: Curate, images: str, features: str, out: str) -> dict:
         table = pa.Table.from_pylist(
             [{"id": i, "class_name": gen[i], **{f"cluster_{lv}": -1 for lv in range(len(cfg.clusters))},
               "kept": True, "reason": "", "nearest_kept": None, "cosine": None} for i in ids], schema=schema)
-        state, reused, sheet = {"enabled": False}, 0, None
+        state, reused, sheet = {"enabled": False}, len(ids), None  # kept by rule: nothing computed
     reasons = table.column("reason").to_pylist()
     counts = {"items": len(ids), "kept": reasons.count(""), "duplicates": reasons.count("duplicate"),
               "balance": reasons.count("balance"), "reused": reused, "computed": len(ids) - reused}

@@ -104,8 +104,10 @@ def compare(real: np.ndarray, fake: np.ndarray, k: int, seed: int, bootstrap: in
         # percentile intervals shifted by the bootstrap's bias (mean of the draws - the estimate): a resample
         # repeats images, which alone raises FD and KID (fewer distinct points), so their raw percentiles sit
         # above the estimate; precision, recall, density and coverage are means, their shift ~0
-        out["ci95"] = {name: [float(np.percentile(v, q) - (np.mean(v) - out[name])) for q in (2.5, 97.5)]
-                       for name, v in draws.items()}
+        top = {"precision": 1.0, "recall": 1.0, "coverage": 1.0}  # shares in [0, 1]; KID (unbiased) may be < 0
+        out["ci95"] = {name: [float(np.clip(np.percentile(v, q) - (np.mean(v) - out[name]),
+                                            -np.inf if name == "kid" else 0.0, top.get(name, np.inf)))
+                              for q in (2.5, 97.5)] for name, v in draws.items()}
     return out
 
 

@@ -51,7 +51,10 @@ def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
         "detector AP50, round 0", "detector AP50, round 1", "ood: detector AP50, round 0", "ood: detector AP50, round 1"]
     assert {"stage": "evaluate", "metric": "ood: maskcut AP50",
             "value": f"{metrics['splits']['ood']['discovery']['maskcut']['ap50']:.3f}"} in rows
-    for key in ("mirage-discoveries", "mirage-detections", "mirage-lineage"):
+    fd = f"{metrics['generation']['quality']['fd']:.3f}"
+    assert f"| fd (generated vs toyworld train split, N 24) | {fd} |" in summary  # beside the previous run's
+    assert "## Generated vs real images" in summary
+    for key in ("mirage-discoveries", "mirage-detections", "mirage-lineage", "mirage-quality"):
         width, height = png_size(found[key]["data"])
         assert width >= 128 and height >= 32
 

@@ -5,6 +5,7 @@ and switched back, which computes nothing."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def toy(tmp_path_factory, new_project):
 
     small = {**TINY, "toyworld": {"train": {"n": 48}, "test": {"n": 12}, "ood": {"n": 12}, "unlabeled": None},
              "generate": {"per_prompt": 2, "steps": 4, "batch_size": 4}, "features": {"batch_size": 4},
-             "train_detector": {"steps": 4, "batch_size": 4, "self_train_steps": 2, "class_aware": True}}
+             "train_detector": {"steps": 4, "batch_size": 4, "self_train_steps": 2, "class_aware": True},
+             "evaluate": {"grid_images": 4, "quality_k": 2}}  # 6 generated images: k-NN manifolds of 2 neighbours
     root = new_project(tmp_path_factory.mktemp("toy"), small)
     assert [r.name for r in pipeline.run(root) if r.ran] == UNFROZEN
     return root
@@ -73,6 +75,8 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     assert d["corloc"] == metrics["splits"]["test"]["discovery"]["tokencut"]["corloc"]
     assert len(metrics["detector"]["rounds"]) == 2 == len(metrics["splits"]["ood"]["detector"])
     assert metrics["generation"]["prompt_alignment"] is not None  # ViT-B-32's own text tower
+    quality = metrics["generation"]["quality"]  # FD on 512-d embeddings of 6 images a side: finite, N recorded
+    assert quality["n"] == 6 and all(math.isfinite(quality[k]) for k in ("fd", "kid", "precision", "coverage"))
     assert metrics != json.loads(toy_metrics)
     images = read_table(root / "data/generated").to_pylist()
     assert {r["model"].split("@")[0] for r in images} == {"sd"}
@@ -92,7 +96,8 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     back = pipeline.run(root, {"generate.model": "models/generator", "generate.guidance": 2.0, "generate.steps": 4,
                                "generate.image_size": None, "features.encoder": "models/encoder",
                                "features.patch_backbone": "unet:down_blocks.0.resnets.0:10", "discover.tau": 0.8})
-    assert counts(back) == {"generate": 0, "features": 0, "discover": 0, "train_detector": None, "evaluate": None}
+    assert counts(back) == {"generate": 0, "features": 0, "curate": 0, "discover": 0, "train_detector": None,
+                            "evaluate": None}
     assert {r.name for r in back if r.restored} == {"train_detector", "evaluate"}
     assert (root / "metrics/evaluate.json").read_text() == toy_metrics
     assert (root / "dvc.lock").read_text() == toy_lock
