@@ -128,8 +128,8 @@ def webhook():
 # out longest first, the files finish close together on both workers.
 LONG_FILES = ["test_pipeline.py", "test_faults.py", "test_server.py", "test_concurrency.py", "test_scale_out.py",
               "test_dashboard.py", "test_real_profile.py", "test_import.py", "test_item_keys.py", "test_bad_params.py",
-              "test_models.py", "test_experiments.py", "test_postgres.py", "test_resources.py", "test_real_models.py",
-              "test_quality.py", "test_curate.py"]
+              "test_models.py", "test_quality.py", "test_experiments.py", "test_postgres.py", "test_resources.py",
+              "test_real_models.py", "test_curate.py"]
 
 
 def pytest_collection_modifyitems(config, items):
