@@ -79,7 +79,9 @@ def planted_duplicates(root: Path, params, n: int, noise: float) -> tuple[float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", required=True, help="a project after `dvc repro discover` or `mirage run`")
-    ap.add_argument("--keep", type=float, default=0.5, help="curate's target: this share of each set")
+    ap.add_argument("--keep", type=float, default=0.5, help="curate's target: this share of each set (0: no target, "
+                                                            "dedup only)")
+    ap.add_argument("--seed", type=int, default=None, help="train_detector.seed (default: the project's)")
     ap.add_argument("--steps", type=int, default=None, help="round-0 steps (default: the project's train_detector.steps)")
     ap.add_argument("--self-train-steps", type=int, default=None)
     ap.add_argument("--planted", type=int, default=60, help="generated images to plant noisy copies of")
@@ -90,7 +92,8 @@ def main() -> None:
     params = load(root / "params.yaml")
     classes = list(params.discover.classes)
     base = params.train_detector.model_copy(update={
-        k: v for k, v in (("steps", args.steps), ("self_train_steps", args.self_train_steps)) if v is not None})
+        k: v for k, v in (("steps", args.steps), ("self_train_steps", args.self_train_steps), ("seed", args.seed))
+        if v is not None})
     cfg_curate = params.curate.model_copy(update={"enabled": True})
 
     p, r, found, n = planted_duplicates(root, params, args.planted, args.noise)
@@ -108,7 +111,7 @@ def main() -> None:
           f"{base.self_train_steps}", flush=True)
     for set_name in filter(None, args.sets.split(",")):
         members = sets[set_name]
-        target = max(1, round(args.keep * len(members)))
+        target = max(1, round(args.keep * len(members))) if args.keep else None
         index = {i: k for k, i in enumerate(ids)}
         cur = curate(cfg_curate.model_copy(update={"target": target}), members, [gen[i] for i in members],
                      emb[[index[i] for i in members]], model, None)

@@ -39,7 +39,7 @@ TINY = {
     "train_detector": {"steps": 8, "batch_size": 8, "self_train_steps": 4, "class_aware": True,
                        "self_train_scores": [0.7], "min_size": 64, "copy_paste": 0.0, "scale_jitter": None,
                        "mix": {"generated": 1.0, "imported": 1.0}, "drop_spanning": False},
-    "evaluate": {"grid_images": 4},
+    "evaluate": {"grid_images": 4, "quality_bootstrap": 10},
 }
 
 

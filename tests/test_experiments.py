@@ -42,8 +42,14 @@ def repo(done, tmp_path) -> Path:
 
 
 def scalars(metrics: dict) -> dict:
-    """The metrics as DVC shows them: lists (the per-round ones) are left out."""
-    return {k: scalars(v) if isinstance(v, dict) else v for k, v in metrics.items() if not isinstance(v, list)}
+    """The metrics as DVC shows them: lists (the per-round ones, intervals) are
+    left out, and so is a dict left empty by that."""
+    out = {}
+    for k, v in metrics.items():
+        v = scalars(v) if isinstance(v, dict) else v
+        if not isinstance(v, list) and v != {}:
+            out[k] = v
+    return out
 
 
 def experiments(root: Path) -> dict[str, dict]:

@@ -179,6 +179,26 @@ def test_stage_killed_at_every_point_resumes_byte_identical(done, tmp_path, stag
     assert temps(root / "data") == [] and temps(root / ".mirage") == []
 
 
+def test_curate_killed_mid_swap_is_rebuilt_byte_identical(done, tmp_path):
+    """Stage curate writes its folder whole (a temp folder swapped in): killed
+    at the swap, no half folder is read, and the rerun makes the same bytes."""
+    from mirage.data.params import write_overrides
+
+    root = tmp_path / "project"
+    shutil.copytree(done, root, symlinks=True)
+    write_overrides(root / "params.yaml", {"curate.enabled": True, "curate.clusters": [6, 2], "curate.target": 12})
+    assert run_stage(root, "curate").returncode == 0
+    reference = files(root / "data/curated")
+    assert set(reference) == {"curated.parquet", "state.json", "duplicates.png"}
+    shutil.rmtree(root / "data/curated")
+    killed = run_stage(root, "curate", "model-swap")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (root / "data/curated").exists()  # the temp folder is not swapped in half-way
+    final = run_stage(root, "curate")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert files(root / "data/curated") == reference and temps(root / "data") == []
+
+
 def processes_with(tag: str) -> list[int]:
     """Live processes whose environment holds `tag` (children inherit it)."""
     found = []

@@ -130,3 +130,16 @@ def test_the_trained_generator_scores_far_better_than_its_random_weights(encoder
     # too: they collapse into one spot inside the real manifold's wide k-NN balls (what recall and coverage see)
     assert bad["fd"] > 3 * good["fd"] and good["fd"] > floor["fd"] and bad["kid"] > 3 * good["kid"]
     assert bad["recall"] < 0.2 and good["recall"] > 0.8 and bad["coverage"] < good["coverage"] - 0.3
+
+
+def test_fd_with_fewer_images_than_dimensions_is_clean_fids_at_a_fraction_of_the_cost():
+    from cleanfid.fid import fid_from_feats
+
+    from tasks.quality import frechet_distance
+
+    rng = np.random.default_rng(0)
+    for n, d in ((6, 512), (24, 64), (120, 384)):  # the N x N path (clean-fid's D x D sqrtm: up to 0.9 s at 768-d)
+        a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.1
+        assert frechet_distance(a, b) == pytest.approx(fid_from_feats(a, b), rel=1e-5)
+    a, b = rng.normal(size=(100, 16)), rng.normal(size=(100, 16))
+    assert frechet_distance(a, b) == fid_from_feats(a, b)  # more images than dimensions: clean-fid itself
