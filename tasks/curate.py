@@ -182,7 +182,7 @@ def curate(cfg: Curate, ids: list[str], classes: list[str | None], emb: np.ndarr
             if image_id in row and (dup is None or dup in row):
                 decided[row[image_id]] = (None if dup is None else row[dup], cos)
     dups = dedup(emb, labels[:, 0], levels[0], cfg.dedup_eps, decided) if levels else {}
-    unique = [r for r in range(len(ids)) if dups.get(r, (None,))[0] is None]
+    unique = [r for r in range(len(ids)) if dups[r][0] is None]
     kept = balanced(unique, labels, ids, cfg.target, cfg.per_cluster, cfg.seed)
     reason = ["" if r in kept else "balance" if dups[r][0] is None else "duplicate" for r in range(len(ids))]
     cols = {"id": ids, "class_name": classes,

@@ -307,13 +307,14 @@ def evaluate(params: Params, run, test: str, images: str, features: str, detecto
                          (rounds if name == "test" else detector_rounds(detector, split, cfg.score_thresh)[0])],
         }
     alignment, n_generated = generation_alignment(encoder, images, features, dcfg)
-    quality, quality_plot = None, quality_png({}, "no distribution metrics (evaluate.quality_n: 0)")
     if reference and cfg.quality_n:
         classes_of = scene_classes(real) if real and cfg.reference == "toyworld" else {}
         quality = generation_quality(images, features, reference, classes_of, tuple(dcfg.classes), cfg.quality_n,
                                      cfg.quality_k, cfg.random_seed, cfg.quality_bootstrap)
         quality["reference"] = "toyworld train split" if cfg.reference == "toyworld" else "imported images"
         quality_plot = quality_png(quality, f"generated vs {quality['reference']} ({fcfg.encoder} embeddings)")
+    else:
+        quality, quality_plot = None, quality_png({}, "no distribution metrics (evaluate.quality_n: 0)")
     result = {
         "discovery": {"method": dcfg.method, "backbone": fcfg.patch_backbone, "encoder": fcfg.encoder,
                       "corloc": found["corloc"], "ap50": found["ap50"],

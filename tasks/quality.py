@@ -40,10 +40,10 @@ def reference_sample(table: str, n: int) -> list[tuple[str, str]]:
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2).  With at least as many
-    images as dimensions: clean-fid's `fid_from_feats` (scipy's sqrtm of the
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2).  With more images than
+    dimensions: clean-fid's `fid_from_feats` (scipy's sqrtm of the
     D x D product).  With fewer (a 768-d encoder, N 250; the bootstrap's
-    resamples), the covariances have rank < N and the same trace comes exactly
+    resamples), the covariances have rank < D and the same trace comes exactly
     from the N x N matrix M M^T, M = X1 X2^T of the centred sets: S1 S2 and
     X1 X2^T X2 X1^T / c share their non-zero eigenvalues, so the trace of the
     square root is the sum of their square roots (tests/test_quality.py checks
