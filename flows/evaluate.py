@@ -7,6 +7,7 @@ text embeddings.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -20,13 +21,16 @@ from tasks.evaluate import evaluate, pr_csv
 
 @flow(name="evaluate")
 def evaluate_flow(params: Params, test: str, images: str, features: str, detector: str, metrics: str,
-                  plots: str, ood: str | None = None, reference: str | None = None, real: str | None = None) -> dict:
+                  plots: str, ood: str | None = None, reference: str | None = None, real: str | None = None,
+                  concepts: str | None = None) -> dict:
     """Metrics on the test split and, side by side, on the ood split (`ood`,
     when it holds scenes): TokenCut's and MaskCut's discovery, and the
     detector of every round (its pseudo-labels' teacher is discovery)."""
     with open_runner(params.runner, "evaluate") as run:  # the splits' discovery: on Dask workers with kind dask
         result, curves, grid_png, quality_png = evaluate(params, run, test, images, features, detector, ood,
                                                          reference, real)
+    if concepts and Path(concepts).exists():  # stage concepts' measures (Rosetta Neurons), reported here
+        result["concepts"] = json.loads(Path(concepts).read_text())
     atomic_write_json(Path(metrics), result)
     for r, curve in enumerate(curves):  # one file per self-training round: `dvc plots` draws each
         atomic_write_bytes(Path(plots) / "pr" / f"round-{r}.csv", pr_csv(curve))
@@ -38,10 +42,10 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("evaluate", ["test", "ood", "images", "features", "reference", "real", "detector", "metrics",
-                                      "plots"], argv)
+    params, args = parse("evaluate", ["test", "ood", "images", "features", "reference", "real", "detector", "concepts",
+                                      "metrics", "plots"], argv)
     return evaluate_flow(params, args.test, args.images, args.features, args.detector, args.metrics, args.plots,
-                         args.ood, args.reference, args.real)
+                         args.ood, args.reference, args.real, args.concepts)
 
 
 if __name__ == "__main__":

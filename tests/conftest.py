@@ -40,6 +40,7 @@ TINY = {
                        "self_train_scores": [0.7], "min_size": 64, "copy_paste": 0.0, "scale_jitter": None,
                        "mix": {"generated": 1.0, "imported": 1.0}, "drop_spanning": False},
     "evaluate": {"grid_images": 4, "quality_bootstrap": 10},
+    "concepts": {"chunk": 16, "sample_images": 16},  # two chunks of the 24 generated images
 }
 
 
@@ -174,7 +175,7 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 FROZEN = ["train_generator", "train_encoder"]
-UNFROZEN = ["toyworld", "import", "generate", "features", "curate", "discover", "train_detector", "evaluate"]
+UNFROZEN = ["toyworld", "import", "generate", "features", "curate", "discover", "concepts", "train_detector", "evaluate"]
 
 
 @dataclass

@@ -61,9 +61,11 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     toy_lock = (root / "dvc.lock").read_text()
     real = {"generate.model": str(models["sd"]), "generate.guidance": 0.0, "generate.steps": 2,
             "generate.image_size": 32, "features.encoder": str(models["clip"]),
-            "features.patch_backbone": "encoder:keys", "discover.tau": 0.2}
+            "features.patch_backbone": "encoder:keys", "discover.tau": 0.2,
+            "concepts.encoder_layers": [-1]}  # one block of ViT-B-32 (3072 units): every block's moments are 1.9 GB
     first = pipeline.run(root, real)
-    assert [r.name for r in first if r.ran] == ["generate", "features", "curate", "discover", "train_detector", "evaluate"]
+    assert [r.name for r in first if r.ran] == ["generate", "features", "curate", "discover", "concepts", "train_detector",
+                                                 "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     d = metrics["discovery"]
     assert d["encoder"] == str(models["clip"]) and d["backbone"] == "encoder:keys"
@@ -87,7 +89,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
 
     # a timm ViT (no text tower): objects stay unnamed, no prompt alignment
     timm = pipeline.run(root, {"features.encoder": str(models["timm"])})
-    assert [r.name for r in timm if r.ran] == ["features", "curate", "discover", "train_detector", "evaluate"]
+    assert [r.name for r in timm if r.ran] == ["features", "curate", "discover", "concepts", "train_detector", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["generation"]["prompt_alignment"] is None
     assert table_metadata(root / "data/features")["grid"] == "14,14,384"
@@ -95,8 +97,9 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
     # and back to the toy defaults: nothing is computed, outputs are the toy run's
     back = pipeline.run(root, {"generate.model": "models/generator", "generate.guidance": 2.0, "generate.steps": 4,
                                "generate.image_size": None, "features.encoder": "models/encoder",
-                               "features.patch_backbone": "unet:down_blocks.0.resnets.0:10", "discover.tau": 0.8})
-    assert counts(back) == {"generate": 0, "features": 0, "curate": 0, "discover": 0, "train_detector": None,
+                               "features.patch_backbone": "unet:down_blocks.0.resnets.0:10", "discover.tau": 0.8,
+                               "concepts.encoder_layers": []})
+    assert counts(back) == {"generate": 0, "features": 0, "curate": 0, "discover": 0, "concepts": 0, "train_detector": None,
                             "evaluate": None}
     assert {r.name for r in back if r.restored} == {"train_detector", "evaluate"}
     assert (root / "metrics/evaluate.json").read_text() == toy_metrics

@@ -265,6 +265,39 @@ class Curate(Section):
     seed: int = 0
 
 
+class Concepts(Section):
+    """Stage concepts: units of the generator and the encoders that fire together (Rosetta Neurons)."""
+
+    # which images and how they are chunked, how pairs are picked and scored: never a chunk's moments
+    LAYOUT = frozenset({"shard_rows", "sources", "images", "chunk", "top_k", "min_corr", "clusters", "top_q",
+                        "object_iou", "plot_concepts", "sample_images"})
+
+    sources: tuple[Literal["generated", "imported"], ...] = Field(default=("generated", "imported"), min_length=1)
+    images: int | None = Field(default=None, ge=2)  # at most this many, in table order (null: all)
+    models: tuple[str, ...] = ()  # more encoders (a zoo): a Rosetta unit has a best buddy in each
+    generator_layers: tuple[str, ...] = ()  # UNet modules (empty: every resnet of the down, mid and up blocks)
+    encoder_layers: tuple[int, ...] = ()  # blocks whose MLP activation is kept (empty: every block)
+    timestep: int = Field(default=10, ge=0)  # the UNet sees the image noised to this step (DDAE: small is best)
+    noise_seed: int = 0
+    grid: int = Field(default=8, ge=1)  # every map resized to grid x grid (the toy encoder's patch grid)
+    top_k: int = Field(default=5, ge=1)  # a's best match b is a buddy when a is in b's top_k (1: strictly mutual)
+    min_corr: float = Field(default=0.3, ge=-1, le=1)  # weaker pairs are not buddies
+    clusters: int = Field(default=8, ge=1)  # concepts: k-means clusters of the trained pairs' mean maps
+    top_q: float = Field(default=0.2, gt=0, le=1)  # a pair's mask on a scene: its top share of pixels
+    object_iou: float = Field(default=0.5, gt=0, le=1)  # an object concept: mean mask IoU at least this
+    random_seed: int = 0  # the random-weight twins of both models
+    chunk: int = Field(default=100, ge=1)  # images per chunk of moments (the unit of reuse)
+    batch_size: int = Field(default=32, gt=0)  # images per forward pass (float sums depend on it: in the keys)
+    device: Device = "auto"
+    plot_concepts: int = Field(default=6, ge=0)  # concepts drawn in plots/concepts.png
+    plot_images: int = Field(default=3, ge=1)  # generated images per concept in the picture
+    sample_images: int = Field(default=64, ge=1)  # generated images the concepts are clustered on (first: drawn)
+    shard_rows: int = Field(default=4, gt=0)  # chunks per shard (a chunk's row is ~20 MB with the toy models)
+
+    def moments_digest(self) -> str:
+        return self.digest()
+
+
 class Evaluate(Section):
     iou: float = Field(gt=0, le=1)
     random_seed: int
@@ -370,6 +403,7 @@ class Params(Section):
     discover: Discover
     train_detector: TrainDetector
     curate: Curate = Curate()
+    concepts: Concepts = Concepts()
     evaluate: Evaluate
     alerts: Alerts = Alerts()
     runner: Runner = Runner()

@@ -39,9 +39,8 @@ def check_generator(params: Params, root: Path) -> None:
             raise ParamsError(f"generate.classes: {unknown} are not classes of {cfg.model} (e.g. {sorted(known)[:5]})")
 
 
-def check_encoder(params: Params, root: Path) -> None:
+def check_encoder(params: Params, root: Path, key: str = "features.encoder") -> None:
     value = params.features.encoder
-    key = "features.encoder"
     rest = value.removeprefix("timm:")
     timm = value.startswith("timm:")
     if rest.startswith("random:"):
@@ -98,9 +97,38 @@ def check_patch_backbone(params: Params, root: Path) -> None:
         raise ParamsError(f"features.patch_backbone: the UNet of {params.generate.model} has no module {module!r}") from None
 
 
+def check_concepts(params: Params, root: Path) -> None:
+    """Stage concepts' layers exist in the generator's UNet (a local pipeline: a hub
+    model's is checked by the stage) and its zoo's encoders are loadable."""
+    cfg = params.concepts
+    for i, model in enumerate(cfg.models):
+        check_encoder(params.model_copy(update={"features": params.features.model_copy(update={"encoder": model})}),
+                      root, f"concepts.models[{i}]")
+    path = root / params.generate.model
+    if not cfg.generator_layers or not (path / "unet" / "config.json").is_file():
+        return
+    config = json.loads((path / "unet" / "config.json").read_text())
+    import diffusers
+
+    unet = getattr(diffusers, config["_class_name"]).from_config(config)
+    missing = [n for n in cfg.generator_layers if not _has_module(unet, n)]
+    if missing:
+        raise ParamsError(f"concepts.generator_layers: the UNet of {params.generate.model} has no module {missing} "
+                          f"(e.g. {[n for n, _ in unet.named_modules() if n.endswith('resnets.0')][:4]})")
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def check_models(params: Params, root: str | Path = ".") -> None:
     """Every configured model loadable, or ParamsError naming the key."""
     root = Path(root)
     check_generator(params, root)
     check_encoder(params, root)
     check_patch_backbone(params, root)
+    check_concepts(params, root)

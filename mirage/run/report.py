@@ -33,6 +33,7 @@ TRENDS_KEY = "mirage-trends"
 PR_KEY = "mirage-pr"
 QUALITY_KEY = "mirage-quality"
 DUPLICATES_KEY = "mirage-duplicates"
+CONCEPTS_KEY = "mirage-concepts"
 TOY_MODELS = {"generate.model": "models/generator", "features.encoder": "models/encoder"}
 
 
@@ -296,6 +297,17 @@ def key_metrics(m: dict | None) -> dict[str, float | None]:
         where = f"generated vs {quality['reference']}, N {quality['n']}"
         out |= {f"{name} ({where})": quality[name] for name in ("fd", "kid", "precision", "recall", "density", "coverage")}
         out |= {f"{name}, real vs real floor": quality["floor"][name] for name in ("fd", "precision", "recall", "coverage")}
+    concepts = m.get("concepts") or {}
+    for condition in ("trained", "random", "shuffled") if "trained" in concepts else ():  # stage concepts' controls
+        c = concepts[condition]
+        out |= {f"concepts: best buddies, {condition}": c["best_buddies"],
+                f"concepts: mean r of best buddies, {condition}": c["mean_corr"]}
+        out |= {f"concepts: object concepts on {split}, {condition}": c[split]["object_concepts"]
+                for split in ("test", "ood") if split in c}
+        out |= {f"concepts: best object IoU on {split}, {condition}": c[split]["best_iou"]
+                for split in ("test", "ood") if split in c}
+    if "stability" in concepts:
+        out["concepts: split-half Jaccard of best buddies"] = concepts["stability"]["jaccard"]
     if not m.get("splits"):  # metrics of an older run: the test split's rounds only
         out |= {f"detector AP50, round {r}": x["ap50"] for r, x in enumerate(rounds)}
     for name, split in sorted(m.get("splits", {}).items(), key=lambda kv: kv[0] != "test"):
@@ -403,6 +415,12 @@ def publish(root: Path, results: list, seconds: float, previous: dict | None, ta
         create_image_artifact(data_url(png), key=DUPLICATES_KEY,
                               description="Stage curate: the largest duplicate groups (kept image first)")
         pictures.append(("Curate: the largest duplicate groups (kept image first, framed green)", png))
+    concepts = root / "plots" / "concepts.png"
+    if concepts.exists() and (metrics or {}).get("concepts"):
+        png = concepts.read_bytes()
+        create_image_artifact(data_url(png), key=CONCEPTS_KEY,
+                              description="Stage concepts: generator and encoder units that fire together (z-maps)")
+        pictures.append(("Concepts: a generator unit and its encoder best buddy on generated images (z-score)", png))
     for title, png in pictures:
         markdown += f"\n\n## {title}\n\n![{title}]({data_url(png)})"
     from mirage.run.plots import pr_png

@@ -1,0 +1,158 @@
+"""Stage concepts: the streaming statistics, best buddies, the ground-truth scores, and the stage on the toy models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.concepts import (
+    Accumulator,
+    MaskScores,
+    Moments,
+    best_buddies,
+    jaccard,
+    plan_chunks,
+    resize_maps,
+)
+
+
+def _moments(a: np.ndarray, b: np.ndarray, batch: int) -> Moments:
+    acc = Accumulator()
+    for i in range(0, len(a), batch):
+        acc.add(torch.from_numpy(a[i : i + batch]), torch.from_numpy(b[i : i + batch]))
+    return acc.moments(a.shape[1], b.shape[1])
+
+
+def test_streamed_chunks_combine_to_numpys_pearson():
+    rng = np.random.default_rng(0)
+    # a large common offset: Σx² − nμ² about zero would lose most digits in float32 inputs
+    a = (rng.normal(size=(900, 7)) + 1000).astype(np.float32)
+    b = (a[:, :5] * 0.5 + rng.normal(size=(900, 5)) - 300).astype(np.float32)
+    chunks = [_moments(a[s], b[s], 64) for s in (slice(0, 100), slice(100, 550), slice(550, 900))]
+    r = Moments.combine(chunks).correlation()
+    want = np.corrcoef(a.astype(np.float64).T, b.astype(np.float64).T)[:7, 7:]
+    assert np.abs(r - want).max() < 1e-5
+    whole = _moments(a, b, 900)
+    assert np.abs(whole.correlation() - want).max() < 1e-5
+    assert Moments.combine(chunks).n == 900
+
+
+def test_a_unit_that_never_varies_correlates_with_nothing():
+    a = np.ones((50, 2), dtype=np.float32)
+    a[:, 1] = np.arange(50)
+    r = _moments(a, a.copy(), 16).correlation()
+    assert r[0].tolist() == [0.0, 0.0] and r[1, 1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_best_buddies_are_mutual_and_above_min_corr():
+    corr = np.array([[0.9, 0.1, 0.0],
+                     [0.8, 0.2, 0.1],   # its best (col 0) prefers row 0: a buddy only with top_k >= 2
+                     [0.0, 0.1, 0.25]], dtype=np.float32)
+    strict = best_buddies(corr, 1, 0.2)
+    assert strict.pairs() == {(0, 0), (2, 2)}
+    assert best_buddies(corr, 2, 0.2).pairs() == {(0, 0), (1, 0), (2, 2)}
+    assert best_buddies(corr, 2, 0.3).pairs() == {(0, 0), (1, 0)}
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3) and jaccard(set(), set()) == 1.0
+
+
+def test_mask_scores_match_sklearns_auroc_and_count_iou_by_image():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    fg = np.zeros((6, 8, 8), dtype=bool)
+    fg[:, 2:5, 2:5] = True
+    good = torch.from_numpy(np.where(fg, 2.0, -1.0) + rng.normal(scale=0.3, size=fg.shape)).float()
+    noise = torch.from_numpy(rng.normal(size=fg.shape)).float()
+    scores = MaskScores(2)
+    for s in (slice(0, 4), slice(4, 6)):
+        scores.add(torch.stack([good[s], noise[s]], 1), fg[s], 9 / 64)
+    iou, auroc = scores.iou(), scores.auroc()
+    assert iou[0] == pytest.approx(1.0) and iou[1] < 0.4
+    for j, maps in enumerate((good, noise)):
+        want = roc_auc_score(fg.ravel(), maps.numpy().ravel())
+        assert abs(auroc[j] - want) < 0.02  # histogram bins of 0.05 z
+    assert auroc[0] > 0.99 and 0.3 < auroc[1] < 0.7
+
+
+def test_chunks_of_a_grown_set_keep_every_full_chunk():
+    first = plan_chunks([f"k{i}" for i in range(10)], [], 4)
+    assert first == [["k0", "k1", "k2", "k3"], ["k4", "k5", "k6", "k7"], ["k8", "k9"]]
+    grown = plan_chunks(["k10", *[f"k{i}" for i in range(10)], "k11"], first, 4)
+    assert grown[:2] == first[:2]  # reused: their moments are not computed again
+    assert sorted(k for c in grown[2:] for k in c) == ["k10", "k11", "k8", "k9"]
+    dropped = plan_chunks([f"k{i}" for i in range(10) if i != 5], first, 4)
+    assert dropped[0] == first[0] and ["k4", "k5", "k6", "k7"] not in dropped
+
+
+def test_maps_shrink_with_antialiasing():
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., ::2] = 1.0  # stripes finer than the grid: their mean survives, not an aliased pattern
+    small = resize_maps(x, 8)
+    assert small.shape == (1, 1, 8, 8) and torch.allclose(small, torch.full_like(small, 0.5), atol=0.05)
+
+
+def _stage(root, **overrides) -> dict:
+    """Stage concepts' command, in-process, in `root` (as `mirage run` calls it)."""
+    import os
+
+    from flows.concepts import main
+    from mirage.data.params import write_overrides
+
+    if overrides:
+        write_overrides(root / "params.yaml", {f"concepts.{k}": v for k, v in overrides.items()})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return main(["--params", "params.yaml", "--images", "data/generated", "--imported", "data/imported",
+                     "--test", "data/toyworld/test", "--ood", "data/toyworld/ood", "--out", "data/concepts",
+                     "--plot", "plots/concepts.png"])
+    finally:
+        os.chdir(cwd)
+
+
+def _correlations(root) -> np.ndarray:
+    from flows.concepts import CHUNK_TABLE
+    from mirage.data.store import read_table
+    from tasks.concepts import combined, moments_from_bytes
+
+    blobs = read_table(root / "data/concepts" / CHUNK_TABLE, columns=["moments"]).column("moments").to_pylist()
+    return combined([moments_from_bytes(b) for b in blobs], "models/encoder")["trained"].correlation()
+
+
+def test_the_tiny_run_finds_concepts_and_evaluate_reports_them(done):
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    m = json.loads((done / "data/concepts/measures.json").read_text())
+    assert json.loads((done / "metrics/evaluate.json").read_text())["concepts"] == m
+    assert (m["images"], m["chunks"], m["generator_units"], m["units"]) == (24, 2, 608, 2048)
+    pairs = pq.read_table(done / "data/concepts/pairs.parquet").to_pylist()
+    for condition in ("trained", "random", "shuffled"):
+        mine = [p for p in pairs if p["condition"] == condition]
+        assert len(mine) == m[condition]["best_buddies"]
+        assert all(p["corr"] >= 0.3 for p in mine)  # concepts.min_corr
+        assert {"test", "ood"} <= set(m[condition])
+    trained = [p for p in pairs if p["condition"] == "trained"]
+    assert {p["concept"] for p in trained} == set(range(m["concepts"]))
+    assert sum(p["test_iou"] >= 0.5 for p in trained) == m["trained"]["test"]["object_concepts"]
+    assert Image.open(done / "plots/concepts.png").size[0] >= 3 * 3 * 96
+
+
+def test_more_images_compute_only_their_chunks_and_combine_exactly(project):
+    """concepts.images 16 -> 20 (chunks of 16): the first chunk is reused, one
+    chunk of 4 computed; the combined moments equal a from-scratch run's."""
+    import shutil
+
+    first = _stage(project, images=16)  # the tiny run's first chunk: all 16 reused
+    assert (first["chunks"], first["computed"], first["reused"]) == (1, 0, 1)
+    grown = _stage(project, images=20)
+    assert (grown["chunks"], grown["computed"], grown["reused"]) == (2, 1, 1)
+    r = _correlations(project)
+    shutil.rmtree(project / "data/concepts")
+    scratch = _stage(project, chunk=20)  # the 20 images in one chunk
+    assert (scratch["chunks"], scratch["computed"]) == (1, 1)
+    assert np.abs(_correlations(project) - r).max() < 1e-5
+    again = _stage(project)
+    assert again["computed"] == 0 and again["trained"] == scratch["trained"]
