@@ -6,6 +6,13 @@ diffusion UNet's own activations at a small noise level (DDAE-style), from
 several blocks and resolutions.  All measured in one run:
 
     .venv/bin/python benchmarks/discovery_backbones.py --n 300
+
+With `--concepts data/concepts` (stage concepts' output), the matched units
+only: the maps of the trained best-buddy pairs' units (generator, encoder or
+both), each z-scored, on a grid of 8 or 32, on the test and the ood split
+(CorLoc and class-agnostic AP50 of the one box per image):
+
+    .venv/bin/python benchmarks/discovery_backbones.py --concepts data/concepts --taus 0.8
 """
 from __future__ import annotations
 
@@ -60,6 +67,75 @@ def score(feats: np.ndarray, grid, images, gt, tau: float) -> float:
     return corloc(boxes, gt, 0.5)
 
 
+def scores(feats: np.ndarray, grid, images, gt, tau: float) -> tuple[float, float]:
+    """CorLoc and class-agnostic AP50 of TokenCut's box (scored 1 - its eigenvalue)."""
+    from tasks.evaluate import coco_detection
+
+    h, w = images.shape[1:3]
+    cuts = [tokencut(f, grid, tau, 1e-5) for f in feats]
+    boxes = [cut_to_object(c, h, w)[1] for c in cuts]
+    dets = [{"boxes": np.array([b]), "scores": np.array([1 - c.eigenvalue])} for b, c in zip(boxes, cuts)]
+    return corloc(boxes, gt, 0.5), coco_detection(gt, dets, (h, w))[0]["AP50"]
+
+
+def concept_features(concepts: str, generator: str, encoder: str, images: np.ndarray, grid: int,
+                     sides: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The trained best-buddy units' maps (generator, encoder or both), z-scored per unit over these images."""
+    import pyarrow.parquet as pq
+
+    from mirage.data.params import load
+    from tasks.concepts import EncoderUnits, GeneratorUnits
+
+    cfg = load("params.yaml").concepts
+    pairs = [p for p in pq.read_table(f"{concepts}/pairs.parquet").to_pylist()
+             if p["condition"] == "trained" and p["model"] == encoder]
+    maps = []
+    if sides in ("generator", "both"):
+        gen = GeneratorUnits(generator, cfg.generator_layers, cfg.timestep, cfg.noise_seed, grid, torch.device("cpu"))
+        cols = sorted({_column(gen, p["generator_layer"], p["generator_unit"]) for p in pairs})
+        maps.append(gen.maps(images)[:, cols])
+    if sides in ("encoder", "both"):
+        enc = EncoderUnits(load_encoder(f"local-dir:{encoder}", torch.device("cpu")), cfg.encoder_layers, grid)
+        cols = sorted({_column(enc, p["encoder_layer"], p["encoder_unit"]) for p in pairs})
+        maps.append(enc.maps(images)[:, cols])
+    x = torch.cat(maps, 1)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c).numpy(), (h, w)
+
+
+def _column(units, layer: str, unit: int) -> int:
+    start = 0
+    for name, n in units.layers:
+        if name == layer:
+            return start + unit
+        start += n
+    raise KeyError(layer)
+
+
+def concepts_table(args) -> None:
+    splits = {}
+    for split in ("test", "ood"):
+        rows = read_table(f"data/toyworld/{split}", columns=["image", "objects"]).to_pylist()[: args.n]
+        splits[split] = (np.stack([decode_png(r["image"]) for r in rows]), [[o["box"] for o in r["objects"]] for r in rows])
+    tau = float(args.taus.split(",")[0])
+    pipe = load_toy_pipeline(args.generator, torch.device("cpu"))
+    candidates = {"unet down.0 t=10 (the default backbone)": lambda im: unet_features(pipe, im, "down.0", 10),
+                  "encoder trained (keys, 8x8)": lambda im: encoder_keys(f"local-dir:{args.encoder}", im)}
+    for sides in ("both", "generator", "encoder"):
+        for grid in (8, 32):
+            candidates[f"concepts: {sides} units, {grid}x{grid}"] = (
+                lambda im, s=sides, g=grid: concept_features(args.concepts, args.generator, args.encoder, im, g, s))
+    print(f"TokenCut at tau {tau} on {args.n} scenes a split: CorLoc / AP50 (class-agnostic)")
+    print(f"{'features':<42}{'channels':>9}{'test':>16}{'ood':>16}")
+    for name, make in candidates.items():
+        cells = []
+        for split, (images, gt) in splits.items():
+            feats, grid = make(images)
+            cells.append("{:.3f} / {:.3f}".format(*scores(feats, grid, images, gt, tau)))
+        print(f"{name:<42}{feats.shape[-1]:>9}" + "".join(f"{c:>16}" for c in cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=300)
@@ -67,7 +143,10 @@ def main() -> None:
     p.add_argument("--encoder", default="models/encoder")
     p.add_argument("--generator", default="models/generator")
     p.add_argument("--taus", default="0.0,0.2,0.3,0.5")
+    p.add_argument("--concepts", default=None, help="stage concepts' output: compare the matched units as a backbone")
     args = p.parse_args()
+    if args.concepts:
+        return concepts_table(args)
     rows = read_table(args.test, columns=["image", "objects"]).to_pylist()[: args.n]
     images = np.stack([decode_png(r["image"]) for r in rows])
     gt = [[o["box"] for o in r["objects"]] for r in rows]

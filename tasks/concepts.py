@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -533,7 +533,8 @@ def concepts_png(images: np.ndarray, gen_maps: torch.Tensor, enc_maps: torch.Ten
     n_img = len(images)
     h, w = images.shape[1:3]
     cell, pad, label_h = h * scale, 4, 14
-    width = n_img * 3 * (cell + pad) + pad
+    group = 3 * (cell + pad) + 10  # one image's three tiles and a gap
+    width = n_img * group + pad
     rows_h = label_h + cell + pad
     canvas = Image.new("RGB", (width, max(1, len(shown)) * rows_h + pad + 16), "white")
     draw = ImageDraw.Draw(canvas)
@@ -549,10 +550,10 @@ def concepts_png(images: np.ndarray, gen_maps: torch.Tensor, enc_maps: torch.Ten
         za = F.interpolate(za[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
         zb = F.interpolate(zb[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
         for i in range(n_img):
-            x = pad + i * 3 * (cell + pad)
+            x = pad + i * group
             for j, tile in enumerate((images[i], _heat(za[i]), _heat(zb[i]))):
                 im = Image.fromarray(tile).resize((cell, cell), Image.NEAREST)
-                canvas.paste(im, (x + j * (cell + pad) - (pad if j else 0) * j // 2, y + label_h))
+                canvas.paste(im, (x + j * (cell + pad), y + label_h))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -569,7 +570,6 @@ class ConceptsJob:
     encoders: tuple[str, ...]
     device: str = "auto"
     batch_size: int = 32
-    fingerprints: dict = field(default_factory=dict, compare=False, hash=False)
 
     def load_key(self) -> tuple:
         return ("concepts", self.generator, self.encoders, self.cfg.digest(), self.device)

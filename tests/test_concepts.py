@@ -156,3 +156,20 @@ def test_more_images_compute_only_their_chunks_and_combine_exactly(project):
     assert np.abs(_correlations(project) - r).max() < 1e-5
     again = _stage(project)
     assert again["computed"] == 0 and again["trained"] == scratch["trained"]
+
+
+@pytest.mark.slow
+def test_a_zoo_encoder_adds_its_own_measures_and_rosetta_units_need_every_one(project):
+    import json
+
+    result = _stage(project, images=8, models=["random:mirage-toy-clip:1"])
+    m = json.loads((project / "data/concepts/measures.json").read_text())
+    assert [z["model"] for z in m["zoo"]] == ["random:mirage-toy-clip:1"]
+    assert {"trained", "random", "shuffled", "stability"} <= set(m["zoo"][0])
+    assert result["computed"] == 1  # the zoo is part of a chunk's key
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(project / "data/concepts/pairs.parquet").to_pylist()
+    hubs = [{p["generator_layer"] + str(p["generator_unit"]) for p in pairs if p["condition"] == "trained" and p["model"] == name}
+            for name in ("models/encoder", "random:mirage-toy-clip:1")]
+    assert m["rosetta_units"] == len(hubs[0] & hubs[1]) <= min(map(len, hubs))

@@ -54,7 +54,12 @@ def test_a_run_is_tagged_and_reports_summary_metrics_and_pictures(finished):
     fd = f"{metrics['generation']['quality']['fd']:.3f}"
     assert f"| fd (generated vs toyworld train split, N 24) | {fd} |" in summary  # beside the previous run's
     assert "## Generated vs real images" in summary
-    for key in ("mirage-discoveries", "mirage-detections", "mirage-lineage", "mirage-quality"):
+    concepts = metrics["concepts"]  # stage concepts' controls, in the summary and as a picture
+    assert f"| concepts: best buddies, trained | {concepts['trained']['best_buddies']} |" in summary
+    assert f"| concepts: best buddies, random | {concepts['random']['best_buddies']} |" in summary
+    assert "## Concepts: a generator unit and its encoder best buddy" in summary
+    assert {"stage": "concepts", "metric": "items computed / total", "value": "2 / 2"} in rows  # its two chunks
+    for key in ("mirage-discoveries", "mirage-detections", "mirage-lineage", "mirage-quality", "mirage-concepts"):
         width, height = png_size(found[key]["data"])
         assert width >= 128 and height >= 32
 

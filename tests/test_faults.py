@@ -108,8 +108,9 @@ def test_model_directory_killed_mid_swap_is_rebuilt_without_leftovers(tmp_path):
 # every point, then run to the end.
 
 STAGE_TABLES = {"toyworld": ["data/toyworld/train", "data/toyworld/test"], "generate": ["data/generated"],
-                "features": ["data/features"], "discover": ["data/discovery"]}
-STAGE_FILES = {"discover": ["data/discovery.coco.json"]}  # whole files a stage writes beside its tables
+                "features": ["data/features"], "discover": ["data/discovery"], "concepts": ["data/concepts/chunks"]}
+STAGE_FILES = {"discover": ["data/discovery.coco.json"],
+               "concepts": ["data/concepts/measures.json", "data/concepts/pairs.parquet", "plots/concepts.png"]}  # whole files a stage writes beside its tables
 # each stage killed at these points in turn (the tiny project: toyworld renders a batch per split, generate and
 # features have 3 batches of 8 images, discover one batch of 24).  Each stage is killed twice or more, mid-batch,
 # after a saved batch or at the store's own points (shards written, manifest renamed: every one of them on the bare
@@ -119,6 +120,7 @@ CHAINS = {  # stage: (its kill points in turn, the items no killed run saved, co
     "generate": (["batch@2", "batch-saved@1"], 8),  # 2 of its 3 batches saved
     "features": (["batch@2", "shards-written"], 0),
     "discover": (["batch-saved@1", "manifest-replace"], 0),
+    "concepts": (["batch@2"], 1),  # two chunks (16 + 8 images): the first saved, the second computed by the final run
 }
 
 
