@@ -119,21 +119,25 @@ def concepts_table(args) -> None:
         rows = read_table(f"data/toyworld/{split}", columns=["image", "objects"]).to_pylist()[: args.n]
         splits[split] = (np.stack([decode_png(r["image"]) for r in rows]), [[o["box"] for o in r["objects"]] for r in rows])
     tau = float(args.taus.split(",")[0])
-    pipe = load_toy_pipeline(args.generator, torch.device("cpu"))
-    candidates = {"unet down.0 t=10 (the default backbone)": lambda im: unet_features(pipe, im, "down.0", 10),
+    from mirage.data.params import load
+    from mirage.models.encoders import load_patch_backbone
+
+    spec = load("params.yaml").features.patch_backbone
+    configured = load_patch_backbone(spec, load_encoder(f"local-dir:{args.encoder}", torch.device("cpu")), args.generator)
+    candidates = {f"{spec} (features.patch_backbone)": lambda im: configured.patches(im),
                   "encoder trained (keys, 8x8)": lambda im: encoder_keys(f"local-dir:{args.encoder}", im)}
     for sides in ("both", "generator", "encoder"):
         for grid in (8, 32):
             candidates[f"concepts: {sides} units, {grid}x{grid}"] = (
                 lambda im, s=sides, g=grid: concept_features(args.concepts, args.generator, args.encoder, im, g, s))
     print(f"TokenCut at tau {tau} on {args.n} scenes a split: CorLoc / AP50 (class-agnostic)")
-    print(f"{'features':<42}{'channels':>9}{'test':>16}{'ood':>16}")
+    print(f"{'features':<42}{'grid x channels':>16}{'test':>16}{'ood':>16}")
     for name, make in candidates.items():
         cells = []
         for split, (images, gt) in splits.items():
             feats, grid = make(images)
             cells.append("{:.3f} / {:.3f}".format(*scores(feats, grid, images, gt, tau)))
-        print(f"{name:<42}{feats.shape[-1]:>9}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{name:<42}{f'{grid[0]}x{grid[1]} x {feats.shape[-1]}':>16}" + "".join(f"{c:>16}" for c in cells))
 
 
 def main() -> None:

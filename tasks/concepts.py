@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from mirage.data.images import decode_png
 from mirage.data.params import Concepts
 from mirage.data.store import interruption_point
-from mirage.models.devices import resolve_device
+from mirage.models.devices import MODEL_BUILD, resolve_device
 from mirage.models.encoders import ImageEncoder, TimmEncoder, load_encoder, random_twin
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
 from mirage.models.generators import load_generator
@@ -341,6 +341,11 @@ class Models:
 
 
 def load_models(cfg: Concepts, generator: str, encoders: list[str], device: torch.device) -> Models:
+    with MODEL_BUILD:  # the random twins are built here too
+        return _load_models(cfg, generator, encoders, device)
+
+
+def _load_models(cfg: Concepts, generator: str, encoders: list[str], device: torch.device) -> Models:
     gen = GeneratorUnits(generator, cfg.generator_layers, cfg.timestep, cfg.noise_seed, cfg.grid, device)
     rgen = GeneratorUnits(generator, cfg.generator_layers, cfg.timestep, cfg.noise_seed, cfg.grid, device,
                           random_seed=cfg.random_seed)

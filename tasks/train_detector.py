@@ -26,6 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from mirage.data.images import decode_mask, decode_png, encode_mask
 from mirage.data.params import TrainDetector
 from mirage.data.store import atomic_dir, read_table
+from mirage.models.devices import MODEL_BUILD
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 def build_detector(cfg: DetectorConfig) -> FasterRCNN:
+    with MODEL_BUILD:  # not beside another thread's diffusers load (mirage/models/devices.py)
+        return _build_detector(cfg)
+
+
+def _build_detector(cfg: DetectorConfig) -> FasterRCNN:
     w = cfg.width
     backbone = nn.Sequential(conv(3, w // 2, 1), conv(w // 2, w, 2), conv(w, w, 1), conv(w, 2 * w, 2))
     backbone.out_channels = 2 * w

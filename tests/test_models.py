@@ -252,3 +252,31 @@ def test_pseudo_labels_without_boxes_spanning_their_image(tmp_path):
     data, items, sources = pseudo_labelled(str(tmp_path / "images"), str(tmp_path / "objects"), None, drop_spanning=True)
     assert len(data) == 1 and items == [{"boxes": [[5.0, 5.0, 10.0, 10.0]], "labels": [1], "masks": [""]}]
     assert sources == ["generated"]
+
+
+def test_models_built_side_by_side_have_no_meta_tensors():
+    """Two stages load models at once (runner.parallel_stages): diffusers builds
+    under accelerate's process-wide init_empty_weights, which left the other
+    thread's encoder on the meta device (the default run's concepts and
+    features stages failed so).  Loaders hold mirage.models.devices.MODEL_BUILD."""
+    import threading
+
+    from conftest import ROOT
+
+    from mirage.models.encoders import load_encoder
+    from mirage.models.generators import load_generator
+
+    gens, encs = [], []
+
+    def generators():
+        for _ in range(3):
+            gens.append(load_generator(str(ROOT / "models/generator"), "cpu"))
+
+    thread = threading.Thread(target=generators)
+    thread.start()
+    for _ in range(6):
+        encs.append(load_encoder(f"local-dir:{ROOT / 'models/encoder'}", torch.device("cpu")))
+    thread.join()
+    assert len(gens) == 3 and len(encs) == 6
+    models = [g.pipe.unet for g in gens] + [e.model for e in encs]
+    assert not any(p.is_meta for m in models for p in m.parameters())

@@ -1,7 +1,15 @@
 """Where models run and in which precision: `device` and `dtype` parameters resolved."""
 from __future__ import annotations
 
+import threading
+
 import torch
+
+# Building a model is not thread-safe: diffusers' from_pretrained builds under accelerate's
+# init_empty_weights, which patches torch.nn.Module for the whole process, so a model built meanwhile in
+# another thread (two stages side by side: runner.parallel_stages) gets meta tensors and cannot be used.
+# Every loader and builder holds this lock while it constructs.
+MODEL_BUILD = threading.RLock()
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -23,7 +23,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from mirage.models.devices import resolve_device, resolve_dtype
+from mirage.models.devices import MODEL_BUILD, resolve_device, resolve_dtype
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -204,7 +204,11 @@ def default_device() -> torch.device:
 
 def load_encoder(name: str, device: torch.device | None = None, dtype: str = "auto") -> ImageEncoder:
     """An encoder by spec (see the module doc); `timm:` selects the timm backend."""
-    device = device or default_device()
+    with MODEL_BUILD:
+        return _load_encoder(name, device or default_device(), dtype)
+
+
+def _load_encoder(name: str, device: torch.device, dtype: str) -> ImageEncoder:
     if name.startswith("timm:"):
         return _load_timm(name, device, dtype)
     if name.startswith("random:"):
@@ -404,6 +408,11 @@ def load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None,
     or `unet:MODULE:TIMESTEP[:NOISE_SEED]` (the generator's UNet).  With
     `random_seed`, the same architecture with random weights: the baseline that
     learned features must beat."""
+    with MODEL_BUILD:
+        return _load_patch_backbone(spec, encoder, generator, random_seed)
+
+
+def _load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None, random_seed: int | None):
     kind, module, timestep, seed = parse_patch_backbone(spec)
     if kind == "encoder":
         if random_seed is not None:

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from mirage.models.devices import resolve_device, resolve_dtype
+from mirage.models.devices import MODEL_BUILD, resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ def _pipeline_class(spec: str) -> str:
 
 def load_generator(spec: str, device: str = "auto", dtype: str = "auto") -> Generator:
     """A generator by local path (saved with `save_pretrained`) or hub id."""
+    with MODEL_BUILD:
+        return _load_generator(spec, device, dtype)
+
+
+def _load_generator(spec: str, device: str, dtype: str) -> Generator:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cls = _pipeline_class(spec)
