@@ -181,3 +181,25 @@ def test_a_zoo_encoder_adds_its_own_measures_and_rosetta_units_need_every_one(pr
     hubs = [{p["generator_layer"] + str(p["generator_unit"]) for p in pairs if p["condition"] == "trained" and p["model"] == name}
             for name in ("models/encoder", "random:mirage-toy-clip:1")]
     assert m["rosetta_units"] == len(hubs[0] & hubs[1]) <= min(map(len, hubs))
+
+
+@pytest.mark.slow
+def test_chunks_computed_on_dask_workers_have_the_local_bytes(done, project):
+    """runner.kind dask: each chunk a task on a LocalCluster worker (2
+    processes), the chunk table byte-identical to the local runner's."""
+    import shutil
+
+    from mirage.data.params import write_overrides
+
+    write_overrides(project / "params.yaml", {"runner.kind": "dask", "runner.n_workers": 2})
+    shutil.rmtree(project / "data/concepts")
+    shutil.rmtree(project / ".mirage/pool/concepts", ignore_errors=True)
+    result = _stage(project)
+    assert result["computed"] == 2
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.parquet")} | \
+               {"manifest.json": (root / "manifest.json").read_bytes()}
+
+    assert files(project / "data/concepts/chunks") == files(done / "data/concepts/chunks")
+    assert (project / "data/concepts/measures.json").read_bytes() == (done / "data/concepts/measures.json").read_bytes()
