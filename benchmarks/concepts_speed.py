@@ -80,7 +80,8 @@ def passes(m, pixels: np.ndarray, batch: int) -> dict:
 
 
 def accumulation(m, pixels: np.ndarray, batch: int) -> dict:
-    from tasks.concepts import Accumulator, rows
+    from tasks.concept_stats import Accumulator
+    from tasks.concepts import rows
 
     name = next(iter(m.encoders))
     g = [rows(m.generator.maps(pixels[s : s + batch])) for s in range(0, len(pixels), batch)]

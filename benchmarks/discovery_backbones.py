@@ -84,7 +84,7 @@ def concept_features(concepts: str, generator: str, encoder: str, images: np.nda
     import pyarrow.parquet as pq
 
     from mirage.data.params import load
-    from tasks.concepts import EncoderUnits, GeneratorUnits
+    from tasks.unit_maps import EncoderUnits, GeneratorUnits
 
     cfg = load("params.yaml").concepts
     pairs = [p for p in pq.read_table(f"{concepts}/pairs.parquet").to_pylist()

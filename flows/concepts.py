@@ -28,9 +28,9 @@ from tasks.concepts import (
     ConceptsJob,
     check_memory,
     measure,
-    moments_from_bytes,
     plan_chunks,
 )
+from tasks.concept_stats import moments_from_bytes
 
 CHUNK_TABLE = "chunks"
 

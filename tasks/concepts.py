@@ -8,21 +8,11 @@ measurement: the same with random-weight twins and with shuffled image
 pairing, split-half stability, and mask IoU / AUROC of each pair's maps
 against the toy world's ground-truth objects.
 
-Activation maps (float32, B x units x grid x grid):
-- the generator: the outputs of `concepts.generator_layers` (every resnet of
-  the UNet when empty) for the image noised to `concepts.timestep` with the
-  "no class" label or the empty prompt: the UNet patch backbone's recipe
-  (DDAE).  Stable Diffusion's UNet sees the VAE's latents.
-- an encoder: each block's MLP activation (after its nonlinearity), the
-  class and register tokens dropped, the tokens laid out on the patch grid.
-Each map is resized to `grid x grid` (bilinear; antialiased when shrinking).
-
-Statistics: per chunk of images (one store item), float64 moments: each
-unit's mean and centred sum of squares and the centred cross-moment matrix
-(units_A x units_B, kept as float32 in the row).  Within a chunk the sums are
-taken about the first batch's means (so Σx² − nμ² does not cancel); chunks
-combine exactly (Chan et al.'s pairwise update), so a run with more images
-computes only the new images' chunks.  Memory is O(units_A x units_B), never
+Activation maps: tasks/unit_maps.py (the generator's UNet on the noised
+image, each ViT block's MLP activation, all on `concepts.grid`).  Statistics:
+tasks/concept_stats.py.  Per chunk of images (one store item) float64
+moments (the cross-moment matrix kept as float32 in the row); chunks combine
+exactly, so a run with more images computes only the new images' chunks.  Memory is O(units_A x units_B), never
 O(images).  Each chunk holds four sets per encoder: the two halves of its
 images (by item key; the union is the full set, the halves give stability),
 shuffled pairing (generator on image i, encoder on the image before it in
@@ -32,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +33,10 @@ from mirage.data.images import decode_png
 from mirage.data.params import Concepts
 from mirage.data.store import interruption_point
 from mirage.models.devices import MODEL_BUILD, resolve_device
-from mirage.models.encoders import ImageEncoder, TimmEncoder, load_encoder, random_twin
+from mirage.models.encoders import load_encoder, random_twin
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
-from mirage.models.generators import load_generator
+from tasks.concept_stats import Accumulator, Buddies, MaskScores, Moments, best_buddies, jaccard, moments_bytes
+from tasks.unit_maps import EncoderUnits, GeneratorUnits
 
 VERSION = 1
 SETS = ("half0", "half1", "shuffled", "random")
@@ -72,246 +62,6 @@ PAIRS = pa.schema([
     ("ood_iou", pa.float32()),
     ("ood_auroc", pa.float32()),
 ])
-
-
-# ---------------------------------------------------------------- activation maps
-
-def resize_maps(maps: torch.Tensor, grid: int) -> torch.Tensor:
-    """B x C x h x w -> B x C x grid x grid float32 (bilinear, antialiased when shrinking)."""
-    maps = maps.float()
-    if maps.shape[-2:] == (grid, grid):
-        return maps
-    return F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False,
-                         antialias=maps.shape[-1] > grid or maps.shape[-2] > grid)
-
-
-class Units:
-    """A model's units: `layers` [(name, units)] in column order, and `maps(images)`."""
-
-    layers: list[tuple[str, int]]
-
-    @property
-    def count(self) -> int:
-        return sum(n for _, n in self.layers)
-
-    def unit_name(self, column: int) -> tuple[str, int]:
-        for name, n in self.layers:
-            if column < n:
-                return name, column
-            column -= n
-        raise IndexError(column)
-
-    def maps(self, images: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _hooked(modules: list[torch.nn.Module], run, transform) -> list[torch.Tensor]:
-    """Run `run()` with a forward hook on each module; each output through `transform`."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(
-        i, transform(out[0] if isinstance(out, tuple) else out))) for i, m in enumerate(modules)]
-    try:
-        with torch.inference_mode():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return [captured[i] for i in range(len(modules))]
-
-
-class GeneratorUnits(Units):
-    """The generator's denoiser on the noised image: the toy UNet (class
-    "no class") or a text-to-image pipeline's UNet (empty prompt, VAE latents)."""
-
-    def __init__(self, spec: str, layers: tuple[str, ...], timestep: int, noise_seed: int, grid: int,
-                 device: torch.device, random_seed: int | None = None):
-        gen = load_generator(spec, str(device))
-        if gen.kind == "dit":
-            raise ValueError(f"generate.model {spec!r}: a DiT generator's units are not supported by stage concepts "
-                             "(a UNet pipeline is: the toy one, Stable Diffusion)")
-        self.pipe, self.kind, self.device, self.grid = gen.pipe, gen.kind, device, grid
-        unet = self.pipe.unet
-        if random_seed is not None:  # the same architecture, random weights: the control
-            torch.manual_seed(random_seed)
-            unet = type(unet).from_config(unet.config).to(device)
-        self.unet = unet.eval()
-        names = list(layers) or [n for n, m in unet.named_modules() if n.rsplit(".", 2)[-2:-1] == ["resnets"]]
-        try:
-            self.modules = [unet.get_submodule(n) for n in names]
-        except AttributeError as err:
-            raise ValueError(f"concepts.generator_layers: the UNet has no module {err}") from None
-        from diffusers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.timestep, self.noise_seed = timestep, noise_seed
-        self.layers = list(zip(names, (self._channels(m) for m in self.modules)))
-        if self.kind == "toy":
-            self.size = int(unet.config.sample_size)
-            self.cond = None
-        else:
-            self.size = int(unet.config.sample_size) * self.pipe.vae_scale_factor
-            tok = self.pipe.tokenizer([""], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                      return_tensors="pt")
-            with torch.inference_mode():
-                self.cond = self.pipe.text_encoder(tok.input_ids.to(device))[0]
-
-    @staticmethod
-    def _channels(module: torch.nn.Module) -> int:
-        for attr in ("out_channels", "conv2"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                return value
-            if isinstance(value, torch.nn.Conv2d):
-                return value.out_channels
-        raise ValueError(f"concepts.generator_layers: cannot tell the channels of {type(module).__name__}")
-
-    def maps(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        if self.kind != "toy":
-            with torch.inference_mode():
-                x = self.pipe.vae.encode(x.to(self.pipe.vae.dtype)).latent_dist.mean * self.pipe.vae.config.scaling_factor
-        noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(self.noise_seed)).to(self.device)
-        t = torch.full((len(x),), self.timestep, dtype=torch.long, device=self.device)
-        noisy = self.scheduler.add_noise(x, noise.expand_as(x).to(x.dtype), t)
-
-        def run():
-            if self.kind == "toy":
-                labels = torch.full((len(x),), self.pipe.null_class, device=self.device)
-                self.unet(noisy, t, class_labels=labels)
-            else:
-                self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=self.cond.expand(len(x), -1, -1))
-
-        outs = _hooked(self.modules, run, lambda out: resize_maps(out, self.grid))
-        return torch.cat(outs, dim=1)
-
-
-class EncoderUnits(Units):
-    """Each block's MLP activation of an open_clip or timm ViT, on the patch grid."""
-
-    def __init__(self, encoder: ImageEncoder, layers: tuple[int, ...], grid: int):
-        self.encoder, self.grid = encoder, grid
-        blocks = (list(encoder.model.blocks) if isinstance(encoder, TimmEncoder)
-                  else list(encoder.model.visual.transformer.resblocks))
-        index = list(layers) or list(range(len(blocks)))
-        if any(not -len(blocks) <= i < len(blocks) for i in index):
-            raise ValueError(f"concepts.encoder_layers: {list(layers)} out of range for {encoder.name!r} "
-                             f"({len(blocks)} blocks)")
-        self.index = [i % len(blocks) for i in index]
-        acts = [blocks[i].mlp.act if isinstance(encoder, TimmEncoder) else blocks[i].mlp.gelu for i in self.index]
-        fc = [blocks[i].mlp.fc1 if isinstance(encoder, TimmEncoder) else blocks[i].mlp.c_fc for i in self.index]
-        self.modules = acts
-        self.layers = [(f"block{i}.mlp", f.out_features) for i, f in zip(self.index, fc)]
-
-    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        gh, gw = self.encoder.patch_grid
-        t = tokens[:, self.encoder.num_prefix_tokens:].float()  # B x T x C, batch-first in open_clip 3 and timm
-        return resize_maps(t.reshape(len(t), gh, gw, -1).permute(0, 3, 1, 2), self.grid)
-
-    def maps(self, images: np.ndarray) -> torch.Tensor:
-        x = self.encoder.preprocess(images)
-        outs = _hooked(self.modules, lambda: self.encoder.model.encode_image(x) if hasattr(self.encoder.model, "encode_image")
-                       else self.encoder.model.forward_features(x), self._grid)
-        return torch.cat(outs, dim=1)
-
-
-# ---------------------------------------------------------------- moments
-
-@dataclass
-class Moments:
-    """Correlation-ready statistics of two models' units over n rows (image x position)."""
-
-    n: int
-    mean_a: np.ndarray  # float64 units_A
-    mean_b: np.ndarray
-    m2_a: np.ndarray    # float64 units_A: Σ (x - mean)²
-    m2_b: np.ndarray
-    cross: np.ndarray   # units_A x units_B: Σ (x_a - mean_a)(x_b - mean_b)
-
-    @staticmethod
-    def combine(parts: list["Moments"]) -> "Moments":
-        """The moments of the union of disjoint row sets (exact: Chan et al.)."""
-        parts = [p for p in parts if p.n]
-        if not parts:
-            raise ValueError("no rows to combine")
-        n = sum(p.n for p in parts)
-        mean_a = sum(p.n * p.mean_a for p in parts) / n
-        mean_b = sum(p.n * p.mean_b for p in parts) / n
-        m2_a = sum(p.m2_a + p.n * (p.mean_a - mean_a) ** 2 for p in parts)
-        m2_b = sum(p.m2_b + p.n * (p.mean_b - mean_b) ** 2 for p in parts)
-        cross = np.zeros((len(mean_a), len(mean_b)))
-        for p in parts:
-            cross += p.cross
-            cross += p.n * np.outer(p.mean_a - mean_a, p.mean_b - mean_b)
-        return Moments(n, mean_a, mean_b, m2_a, m2_b, cross)
-
-    def correlation(self) -> np.ndarray:
-        """Pearson r, float32 units_A x units_B; 0 for a unit that never varies."""
-        sa, sb = np.sqrt(self.m2_a), np.sqrt(self.m2_b)
-        denom = np.outer(sa, sb)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.where(denom > 1e-12 * max(self.n, 1), self.cross / denom, 0.0)
-        return np.clip(r, -1, 1).astype(np.float32)
-
-    def std_a(self) -> np.ndarray:
-        return np.sqrt(self.m2_a / max(self.n - 1, 1))
-
-    def std_b(self) -> np.ndarray:
-        return np.sqrt(self.m2_b / max(self.n - 1, 1))
-
-
-class Accumulator:
-    """Streaming Moments: float64 sums about a shift (the first batch's means)."""
-
-    def __init__(self):
-        self.n = 0
-
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a: rows x units_A, b: rows x units_B (the same rows: image x position)."""
-        if not len(a):
-            return
-        a, b = a.double(), b.double()
-        if self.n == 0:
-            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
-            self.s_a, self.s_b = torch.zeros_like(self.shift_a), torch.zeros_like(self.shift_b)
-            self.q_a, self.q_b = torch.zeros_like(self.s_a), torch.zeros_like(self.s_b)
-            self.sxy = torch.zeros(len(self.s_a), len(self.s_b), dtype=torch.float64, device=a.device)
-        a, b = a - self.shift_a, b - self.shift_b
-        self.n += len(a)
-        self.s_a += a.sum(0)
-        self.s_b += b.sum(0)
-        self.q_a += (a * a).sum(0)
-        self.q_b += (b * b).sum(0)
-        self.sxy.addmm_(a.T, b)
-
-    def moments(self, units_a: int, units_b: int) -> Moments:
-        if self.n == 0:
-            return Moments(0, np.zeros(units_a), np.zeros(units_b), np.zeros(units_a), np.zeros(units_b),
-                           np.zeros((units_a, units_b)))
-        n = self.n
-        s_a, s_b = self.s_a.cpu().numpy(), self.s_b.cpu().numpy()
-        return Moments(n, self.shift_a.cpu().numpy() + s_a / n, self.shift_b.cpu().numpy() + s_b / n,
-                       self.q_a.cpu().numpy() - s_a * s_a / n, self.q_b.cpu().numpy() - s_b * s_b / n,
-                       self.sxy.cpu().numpy() - np.outer(s_a, s_b) / n)
-
-
-def moments_bytes(sets: dict[str, Moments]) -> bytes:
-    """npz of every set's moments (cross as float32: r needs no more)."""
-    arrays = {}
-    for name, m in sets.items():
-        arrays |= {f"{name}/n": np.array(m.n), f"{name}/mean_a": m.mean_a, f"{name}/mean_b": m.mean_b,
-                   f"{name}/m2_a": m.m2_a, f"{name}/m2_b": m.m2_b, f"{name}/cross": m.cross.astype(np.float32)}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def moments_from_bytes(blob: bytes) -> dict[str, Moments]:
-    with np.load(io.BytesIO(blob)) as z:
-        names = sorted({k.rsplit("/", 1)[0] for k in z.files})
-        return {n: Moments(int(z[f"{n}/n"]), z[f"{n}/mean_a"], z[f"{n}/mean_b"], z[f"{n}/m2_a"], z[f"{n}/m2_b"],
-                           z[f"{n}/cross"].astype(np.float64)) for n in names}
 
 
 def rows(maps: torch.Tensor) -> torch.Tensor:
@@ -385,37 +135,9 @@ def chunk_moments(models: Models, images: list[tuple[str, np.ndarray]], batch_si
     return {f"{s}/{m}": acc[s, m].moments(ua, models.encoders[m].count) for s, m in acc}
 
 
-# ---------------------------------------------------------------- best buddies
-
-@dataclass(frozen=True)
-class Buddies:
-    a: np.ndarray  # generator columns
-    b: np.ndarray  # encoder columns
-    r: np.ndarray  # their correlation
-    best: float    # mean over generator units of their best r (a threshold-free summary)
-
-    def pairs(self) -> set[tuple[int, int]]:
-        return set(zip(self.a.tolist(), self.b.tolist()))
-
-
-def best_buddies(corr: np.ndarray, top_k: int, min_corr: float) -> Buddies:
-    """(a, b) with b = a's best match and a among the top_k of b's column, r >= min_corr."""
-    best_b = corr.argmax(1)
-    k = min(top_k, corr.shape[0])
-    top_a = np.argpartition(-corr, k - 1, axis=0)[:k]  # k x units_B, unordered
-    a = np.arange(corr.shape[0])
-    r = corr[a, best_b]
-    keep = (top_a[:, best_b] == a).any(0) & (r >= min_corr)
-    return Buddies(a[keep], best_b[keep], r[keep], float(r.mean()) if len(r) else 0.0)
-
-
-def jaccard(x: set, y: set) -> float:
-    return len(x & y) / len(x | y) if x | y else 1.0
-
-
 # ---------------------------------------------------------------- ground truth
 
-AUROC_BINS = np.linspace(-8, 8, 321)  # z-units: the pair maps' scores, histogrammed for a streaming AUROC
+
 
 
 def foreground_masks(scenes: list[dict]) -> np.ndarray:
@@ -429,51 +151,6 @@ def foreground_masks(scenes: list[dict]) -> np.ndarray:
             fg |= mask_utils.decode({"size": [s["height"], s["width"]], "counts": o["mask"].encode()}).astype(bool)
         out.append(fg)
     return np.stack(out)
-
-
-@dataclass
-class MaskScores:
-    """Streaming mask IoU and AUROC of P pair maps against the foreground."""
-
-    pairs: int
-    iou_sum: np.ndarray = None
-    images: int = 0
-    pos: np.ndarray = None
-    neg: np.ndarray = None
-
-    def __post_init__(self):
-        self.iou_sum = np.zeros(self.pairs)
-        self.pos = np.zeros((self.pairs, len(AUROC_BINS) + 1))
-        self.neg = np.zeros((self.pairs, len(AUROC_BINS) + 1))
-
-    def add(self, pair_maps: torch.Tensor, fg: np.ndarray, top_q: float) -> None:
-        """pair_maps: B x P x H x W (z-units), fg: bool B x H x W."""
-        b, p, h, w = pair_maps.shape
-        flat = pair_maps.reshape(b, p, h * w)
-        k = max(1, math.ceil(top_q * h * w))
-        thresh = flat.topk(k, dim=2).values[..., -1:]
-        pred = (flat >= thresh).cpu().numpy()
-        truth = fg.reshape(b, 1, h * w)
-        inter = (pred & truth).sum(2)
-        union = (pred | truth).sum(2)
-        has = truth.any(2)[:, 0]
-        self.iou_sum += (inter[has] / np.maximum(union[has], 1)).sum(0)
-        self.images += int(has.sum())
-        bins = np.digitize(flat.cpu().numpy(), AUROC_BINS)  # B x P x HW in 0..len(AUROC_BINS)
-        for j in range(p):
-            self.pos[j] += np.bincount(bins[:, j][truth[:, 0]], minlength=len(AUROC_BINS) + 1)
-            self.neg[j] += np.bincount(bins[:, j][~truth[:, 0]], minlength=len(AUROC_BINS) + 1)
-
-    def iou(self) -> np.ndarray:
-        return self.iou_sum / max(self.images, 1)
-
-    def auroc(self) -> np.ndarray:
-        """P(score of a foreground pixel > a background one), ties counted half."""
-        pos, neg = self.pos, self.neg
-        below = np.cumsum(neg, axis=1) - neg  # negatives in lower bins
-        total = pos.sum(1) * neg.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(total > 0, (pos * (below + 0.5 * neg)).sum(1) / total, 0.5)
 
 
 def pair_maps(g: torch.Tensor, e: torch.Tensor, buddies: Buddies, stats: Moments, size: tuple[int, int]) -> torch.Tensor:

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.concepts import (
-    Accumulator,
-    MaskScores,
-    Moments,
-    best_buddies,
-    jaccard,
-    plan_chunks,
-    resize_maps,
-)
+from tasks.concept_stats import Accumulator, MaskScores, Moments, best_buddies, jaccard
+from tasks.concepts import plan_chunks
+from tasks.unit_maps import resize_maps
 
 
 def _moments(a: np.ndarray, b: np.ndarray, batch: int) -> Moments:
@@ -113,7 +107,8 @@ def _stage(root, **overrides) -> dict:
 def _correlations(root) -> np.ndarray:
     from flows.concepts import CHUNK_TABLE
     from mirage.data.store import read_table
-    from tasks.concepts import combined, moments_from_bytes
+    from tasks.concept_stats import moments_from_bytes
+    from tasks.concepts import combined
 
     blobs = read_table(root / "data/concepts" / CHUNK_TABLE, columns=["moments"]).column("moments").to_pylist()
     return combined([moments_from_bytes(b) for b in blobs], "models/encoder")["trained"].correlation()
