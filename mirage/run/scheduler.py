@@ -564,6 +564,14 @@ def summary(root: str | Path, results: list[StageResult], seconds: float) -> str
             lines.append(f"  generated vs real     FD {q['fd']:.4f} (floor {f['fd']:.4f}), precision / recall "
                          f"{q['precision']:.3f} / {q['recall']:.3f} (floor {f['precision']:.3f} / {f['recall']:.3f}), "
                          f"density / coverage {q['density']:.3f} / {q['coverage']:.3f}  (N {q['n']}, {q['reference']})")
+        c = m.get("concepts") or {}
+        if "trained" in c:  # stage concepts: trained vs its controls
+            conds = [c[k] for k in ("trained", "random", "shuffled")]
+            on_test = " / ".join(str(x.get("test", {}).get("object_concepts", "–")) for x in conds)
+            lines.append(f"  concepts              best buddies {' / '.join(str(x['best_buddies']) for x in conds)}, "
+                         f"object concepts on test {on_test}  (trained / random twins / shuffled; {c['images']} images, "
+                         f"split-half Jaccard {c['stability']['jaccard']:.2f})")
+
         def coco(x: dict) -> str:
             return " / ".join(f"{x[k]:.3f}" if isinstance(x.get(k), float) else "–" for k in ("ap", "ap50", "ap75"))
 
