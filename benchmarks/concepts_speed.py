@@ -59,7 +59,7 @@ def passes(m, pixels: np.ndarray, batch: int) -> dict:
                 x = torch.from_numpy(part).permute(0, 3, 1, 2).float() / 127.5 - 1
                 t = torch.full((len(x),), g.timestep, dtype=torch.long)
                 with torch.inference_mode():
-                    g.unet(g.scheduler.add_noise(x, torch.zeros_like(x), t), t,
+                    g.net(g.scheduler.add_noise(x, torch.zeros_like(x), t), t,
                            class_labels=torch.full((len(x),), g.pipe.null_class))
             for e in encs:
                 with torch.inference_mode():

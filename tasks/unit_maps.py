@@ -5,8 +5,9 @@ grid; a model's `layers` [(name, units)] give the column order.
 - the generator: the outputs of the listed UNet modules (every resnet of the
   down, mid and up blocks when none is listed) for the image noised to
   `timestep` with the "no class" label (the toy pipeline) or the empty prompt
-  on VAE latents (a Stable Diffusion UNet): the UNet patch backbone's recipe
-  (DDAE).  A DiT has no UNet: refused.
+  on VAE latents (a Stable Diffusion UNet), or a DiT's transformer blocks
+  (the null class, VAE latents, tokens on the latent patch grid): the UNet
+  patch backbone's recipe (DDAE).
 - an encoder: each listed block's MLP activation (after its nonlinearity) of
   an open_clip or timm ViT, class and register tokens dropped, the tokens on
   the patch grid.
@@ -67,42 +68,46 @@ def _hooked(modules: list[torch.nn.Module], run, transform) -> list[torch.Tensor
 
 class GeneratorUnits(Units):
     """The generator's denoiser on the noised image: the toy UNet (class
-    "no class") or a text-to-image pipeline's UNet (empty prompt, VAE latents)."""
+    "no class"), a text-to-image pipeline's UNet (empty prompt, VAE latents)
+    or a DiT's transformer blocks (the null class, VAE latents; each block's
+    tokens on the latent patch grid)."""
 
     def __init__(self, spec: str, layers: tuple[str, ...], timestep: int, noise_seed: int, grid: int,
                  device: torch.device, random_seed: int | None = None):
         gen = load_generator(spec, str(device))
-        if gen.kind == "dit":
-            raise ValueError(f"generate.model {spec!r}: a DiT generator's units are not supported by stage concepts "
-                             "(a UNet pipeline is: the toy one, Stable Diffusion)")
         self.pipe, self.kind, self.device, self.grid = gen.pipe, gen.kind, device, grid
-        unet = self.pipe.unet
+        net = self.pipe.transformer if self.kind == "dit" else self.pipe.unet
         if random_seed is not None:  # the same architecture, random weights: the control
             torch.manual_seed(random_seed)
-            unet = type(unet).from_config(unet.config).to(device)
-        self.unet = unet.eval()
-        names = list(layers) or [n for n, m in unet.named_modules() if n.rsplit(".", 2)[-2:-1] == ["resnets"]]
+            net = type(net).from_config(net.config).to(device=device, dtype=net.dtype)
+        self.net = net.eval()
+        if self.kind == "dit":
+            default = [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
+        else:
+            default = [n for n, m in net.named_modules() if n.rsplit(".", 2)[-2:-1] == ["resnets"]]
+        names = list(layers) or default
         try:
-            self.modules = [unet.get_submodule(n) for n in names]
+            self.modules = [net.get_submodule(n) for n in names]
         except AttributeError as err:
-            raise ValueError(f"concepts.generator_layers: the UNet has no module {err}") from None
+            raise ValueError(f"concepts.generator_layers: the {type(net).__name__} has no module {err}") from None
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.timestep, self.noise_seed = timestep, noise_seed
         self.layers = list(zip(names, (self._channels(m) for m in self.modules)))
-        if self.kind == "toy":
-            self.size = int(unet.config.sample_size)
-            self.cond = None
-        else:
-            self.size = int(unet.config.sample_size) * self.pipe.vae_scale_factor
+        # pixels per latent: the VAE halves the size per block after its first (DiTPipeline has no vae_scale_factor)
+        scale = 1 if self.kind == "toy" else 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.size = int(net.config.sample_size) * scale
+        self.cond = None
+        if self.kind == "text2image":
             tok = self.pipe.tokenizer([""], padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
                                       return_tensors="pt")
             with torch.inference_mode():
                 self.cond = self.pipe.text_encoder(tok.input_ids.to(device))[0]
 
-    @staticmethod
-    def _channels(module: torch.nn.Module) -> int:
+    def _channels(self, module: torch.nn.Module) -> int:
+        if self.kind == "dit":  # a transformer block's width
+            return int(self.net.config.num_attention_heads * self.net.config.attention_head_dim)
         for attr in ("out_channels", "conv2"):
             value = getattr(module, attr, None)
             if isinstance(value, int):
@@ -110,6 +115,12 @@ class GeneratorUnits(Units):
             if isinstance(value, torch.nn.Conv2d):
                 return value.out_channels
         raise ValueError(f"concepts.generator_layers: cannot tell the channels of {type(module).__name__}")
+
+    def _grid(self, out: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dit":  # B x tokens x C on the latent patch grid
+            side = int(self.net.config.sample_size) // int(self.net.config.patch_size)
+            out = out.reshape(len(out), side, side, -1).permute(0, 3, 1, 2)
+        return resize_maps(out, self.grid)
 
     def maps(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -124,13 +135,14 @@ class GeneratorUnits(Units):
 
         def run():
             if self.kind == "toy":
-                labels = torch.full((len(x),), self.pipe.null_class, device=self.device)
-                self.unet(noisy, t, class_labels=labels)
+                self.net(noisy, t, class_labels=torch.full((len(x),), self.pipe.null_class, device=self.device))
+            elif self.kind == "dit":  # DiTPipeline's null class: the id after the last label
+                null = int(self.net.config.num_embeds_ada_norm)
+                self.net(noisy.to(self.net.dtype), timestep=t, class_labels=torch.full((len(x),), null, device=self.device))
             else:
-                self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=self.cond.expand(len(x), -1, -1))
+                self.net(noisy.to(self.net.dtype), t, encoder_hidden_states=self.cond.expand(len(x), -1, -1))
 
-        outs = _hooked(self.modules, run, lambda out: resize_maps(out, self.grid))
-        return torch.cat(outs, dim=1)
+        return torch.cat(_hooked(self.modules, run, self._grid), dim=1)
 
 
 class EncoderUnits(Units):

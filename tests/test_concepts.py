@@ -198,3 +198,22 @@ def test_chunks_computed_on_dask_workers_have_the_local_bytes(done, project):
 
     assert files(project / "data/concepts/chunks") == files(done / "data/concepts/chunks")
     assert (project / "data/concepts/measures.json").read_bytes() == (done / "data/concepts/measures.json").read_bytes()
+
+
+def test_a_dit_generators_transformer_blocks_are_units(tmp_path):
+    """A DiT (random weights, mirage.random_models' tiny one): each transformer
+    block's tokens on the latent patch grid, the null class, VAE latents."""
+    from conftest import ROOT
+
+    from mirage.data.params import Concepts
+    from mirage.random_models import save_dit
+    from tasks.concepts import chunk_moments, combined, load_models
+
+    dit = save_dit(tmp_path / "dit")
+    models = load_models(Concepts(grid=4), str(dit), [str(ROOT / "models/encoder")], torch.device("cpu"))
+    assert models.generator.layers == [("transformer_blocks.0", 16), ("transformer_blocks.1", 16)]
+    rng = np.random.default_rng(0)
+    images = [(f"k{i}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(6)]
+    sets = chunk_moments(models, images, 4)
+    r = combined([sets], str(ROOT / "models/encoder"))["trained"].correlation()
+    assert r.shape == (32, 2048) and np.isfinite(r).all() and np.abs(r).max() > 0
