@@ -137,9 +137,6 @@ def chunk_moments(models: Models, images: list[tuple[str, np.ndarray]], batch_si
 
 # ---------------------------------------------------------------- ground truth
 
-
-
-
 def foreground_masks(scenes: list[dict]) -> np.ndarray:
     """bool N x H x W: the union of each scene's object masks."""
     from pycocotools import mask as mask_utils
@@ -153,29 +150,35 @@ def foreground_masks(scenes: list[dict]) -> np.ndarray:
     return np.stack(out)
 
 
+def z_maps(maps: torch.Tensor, columns: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """B x U x g x g -> the `columns`' maps z-scored by the generated images' statistics, B x len(columns) x g x g."""
+    shape = (1, len(columns), 1, 1)
+    return (maps[:, columns] - torch.from_numpy(mean[columns]).float().view(shape)) / \
+        torch.from_numpy(std[columns]).float().clamp_min(1e-6).view(shape)
+
+
 def pair_maps(g: torch.Tensor, e: torch.Tensor, buddies: Buddies, stats: Moments, size: tuple[int, int]) -> torch.Tensor:
-    """The mean of a pair's two z-scored maps (z by the generated images'
-    statistics), upsampled to the image: B x P x H x W."""
-    za = (g[:, buddies.a] - torch.from_numpy(stats.mean_a[buddies.a]).float()[None, :, None, None]) / \
-        torch.from_numpy(stats.std_a()[buddies.a]).float().clamp_min(1e-6)[None, :, None, None]
-    zb = (e[:, buddies.b] - torch.from_numpy(stats.mean_b[buddies.b]).float()[None, :, None, None]) / \
-        torch.from_numpy(stats.std_b()[buddies.b]).float().clamp_min(1e-6)[None, :, None, None]
+    """The mean of a pair's two z-scored maps, upsampled to the image: B x P x H x W."""
+    za = z_maps(g, buddies.a, stats.mean_a, stats.std_a())
+    zb = z_maps(e, buddies.b, stats.mean_b, stats.std_b())
     return F.interpolate((za + zb) / 2, size=size, mode="bilinear", align_corners=False)
 
 
-def ground_truth(gen: GeneratorUnits, enc: EncoderUnits, buddies: Buddies, stats: Moments, scenes: list[dict],
-                 top_q: float, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each pair's mean mask IoU and AUROC over the scenes (their object masks)."""
-    scores = MaskScores(len(buddies.a))
-    if not len(buddies.a) or not scenes:
-        return scores.iou(), scores.auroc()
-    for start in range(0, len(scenes), batch_size):
+def ground_truth(gen: GeneratorUnits, enc: EncoderUnits, pair_sets: list[tuple[Buddies, Moments]], scenes: list[dict],
+                 top_q: float, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each pair's mean mask IoU and AUROC over the scenes (their object masks),
+    for every (pairs, their statistics) of these two models: one pass of the
+    models over the scenes serves them all."""
+    scores = [MaskScores(len(buddies.a)) for buddies, _ in pair_sets]
+    todo = [i for i, (buddies, _) in enumerate(pair_sets) if len(buddies.a)]
+    for start in range(0, len(scenes) if todo else 0, batch_size):
         part = scenes[start : start + batch_size]
         pixels = np.stack([decode_png(s["image"]) for s in part])
         fg = foreground_masks(part)
-        maps = pair_maps(gen.maps(pixels).cpu(), enc.maps(pixels).cpu(), buddies, stats, fg.shape[1:])
-        scores.add(maps, fg, top_q)
-    return scores.iou(), scores.auroc()
+        g, e = gen.maps(pixels).cpu(), enc.maps(pixels).cpu()
+        for i in todo:
+            scores[i].add(pair_maps(g, e, *pair_sets[i], fg.shape[1:]), fg, top_q)
+    return [(s.iou(), s.auroc()) for s in scores]
 
 
 # ---------------------------------------------------------------- concepts and pictures
@@ -227,10 +230,10 @@ def concepts_png(images: np.ndarray, gen_maps: torch.Tensor, enc_maps: torch.Ten
     for row, c in enumerate(shown):
         y = 16 + row * rows_h
         draw.text((pad, y), c["label"], fill=(40, 40, 40), font=font)
-        za = ((gen_maps[:, c["a"]] - stats.mean_a[c["a"]]) / max(stats.std_a()[c["a"]], 1e-6))
-        zb = ((enc_maps[:, c["b"]] - stats.mean_b[c["b"]]) / max(stats.std_b()[c["b"]], 1e-6))
-        za = F.interpolate(za[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
-        zb = F.interpolate(zb[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+        za, zb = (F.interpolate(z_maps(maps, np.array([col]), mean, std), size=(h, w), mode="bilinear",
+                                align_corners=False)[:, 0].numpy()
+                  for maps, col, mean, std in ((gen_maps, c["a"], stats.mean_a, stats.std_a()),
+                                               (enc_maps, c["b"], stats.mean_b, stats.std_b())))
         for i in range(n_img):
             x = pad + i * group
             for j, tile in enumerate((images[i], _heat(za[i]), _heat(zb[i]))):
@@ -330,14 +333,19 @@ def measure(cfg: Concepts, models: Models, chunks: list[dict[str, Moments]], spl
     for name, units in models.encoders.items():
         sets = combined(chunks, name)
         entry: dict = {"model": name, "units": units.count}
+        found = {condition: best_buddies(sets[condition].correlation(), cfg.top_k, cfg.min_corr) for condition in CONDITIONS}
+        # shuffled pairs are found on mismatched images but scored with the trained models' own maps: one pass
+        # of the trained models over each split scores the trained and the shuffled pairs, one of the twins the random
+        scored: dict[str, dict] = {condition: {} for condition in CONDITIONS}
+        for gen, enc, conditions in ((models.generator, units, ("trained", "shuffled")),
+                                     (models.random_generator, models.random_encoders[name], ("random",))):
+            for split, scenes in splits.items():
+                results = ground_truth(gen, enc, [(found[c], sets[c]) for c in conditions], scenes, cfg.top_q,
+                                       cfg.batch_size)
+                for condition, result in zip(conditions, results):
+                    scored[condition][split] = result
         for condition in CONDITIONS:
-            buddies = best_buddies(sets[condition].correlation(), cfg.top_k, cfg.min_corr)
-            # shuffled pairs are found on mismatched images but scored with the models' own maps
-            gen = models.random_generator if condition == "random" else models.generator
-            enc = models.random_encoders[name] if condition == "random" else units
-            stats = sets[condition]
-            scores = {split: ground_truth(gen, enc, buddies, stats, scenes, cfg.top_q, cfg.batch_size)
-                      for split, scenes in splits.items()}
+            buddies, stats, scores = found[condition], sets[condition], scored[condition]
             entry[condition] = {"best_buddies": len(buddies.a), "mean_corr": float(buddies.r.mean()) if len(buddies.a) else 0.0,
                                 "mean_best_corr": buddies.best,
                                 **{split: split_measures(*scores[split], cfg.object_iou) for split in splits}}
