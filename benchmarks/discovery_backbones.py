@@ -8,9 +8,11 @@ several blocks and resolutions.  All measured in one run:
     .venv/bin/python benchmarks/discovery_backbones.py --n 300
 
 With `--concepts data/concepts` (stage concepts' output), the matched units
-only: the maps of the trained best-buddy pairs' units (generator, encoder or
-both), each z-scored, on a grid of 8 or 32, on the test and the ood split
-(CorLoc and class-agnostic AP50 of the one box per image):
+only (`features.patch_backbone: concepts:SIDES:GRID`): the maps of the trained
+best-buddy pairs' units (generator, encoder or both), each z-scored, on a grid
+of 8 or 32, against the configured backbone, each beside its random-weight
+baseline, on the test and the ood split (CorLoc and class-agnostic AP50 of
+the one box per image):
 
     .venv/bin/python benchmarks/discovery_backbones.py --concepts data/concepts --taus 0.8
 """
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from mirage.data.images import decode_png
-from mirage.models.encoders import load_encoder, load_toy_pipeline
+from mirage.models.encoders import load_encoder
+from mirage.models.patch_backbones import load_patch_backbone, load_toy_pipeline
 from mirage.data.store import read_table
 from tasks.discover import cut_to_object, tokencut
 from tasks.evaluate import corloc
@@ -78,41 +81,6 @@ def scores(feats: np.ndarray, grid, images, gt, tau: float) -> tuple[float, floa
     return corloc(boxes, gt, 0.5), coco_detection(gt, dets, (h, w))[0]["AP50"]
 
 
-def concept_features(concepts: str, generator: str, encoder: str, images: np.ndarray, grid: int,
-                     sides: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """The trained best-buddy units' maps (generator, encoder or both), z-scored per unit over these images."""
-    import pyarrow.parquet as pq
-
-    from mirage.data.params import load
-    from tasks.unit_maps import EncoderUnits, GeneratorUnits
-
-    cfg = load("params.yaml").concepts
-    pairs = [p for p in pq.read_table(f"{concepts}/pairs.parquet").to_pylist()
-             if p["condition"] == "trained" and p["model"] == encoder]
-    maps = []
-    if sides in ("generator", "both"):
-        gen = GeneratorUnits(generator, cfg.generator_layers, cfg.timestep, cfg.noise_seed, grid, torch.device("cpu"))
-        cols = sorted({_column(gen, p["generator_layer"], p["generator_unit"]) for p in pairs})
-        maps.append(gen.maps(images)[:, cols])
-    if sides in ("encoder", "both"):
-        enc = EncoderUnits(load_encoder(f"local-dir:{encoder}", torch.device("cpu")), cfg.encoder_layers, grid)
-        cols = sorted({_column(enc, p["encoder_layer"], p["encoder_unit"]) for p in pairs})
-        maps.append(enc.maps(images)[:, cols])
-    x = torch.cat(maps, 1)
-    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    b, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(b, h * w, c).numpy(), (h, w)
-
-
-def _column(units, layer: str, unit: int) -> int:
-    start = 0
-    for name, n in units.layers:
-        if name == layer:
-            return start + unit
-        start += n
-    raise KeyError(layer)
-
-
 def concepts_table(args) -> None:
     splits = {}
     for split in ("test", "ood"):
@@ -120,24 +88,25 @@ def concepts_table(args) -> None:
         splits[split] = (np.stack([decode_png(r["image"]) for r in rows]), [[o["box"] for o in r["objects"]] for r in rows])
     tau = float(args.taus.split(",")[0])
     from mirage.data.params import load
-    from mirage.models.encoders import load_patch_backbone
 
     spec = load("params.yaml").features.patch_backbone
-    configured = load_patch_backbone(spec, load_encoder(f"local-dir:{args.encoder}", torch.device("cpu")), args.generator)
-    candidates = {f"{spec} (features.patch_backbone)": lambda im: configured.patches(im),
-                  "encoder trained (keys, 8x8)": lambda im: encoder_keys(f"local-dir:{args.encoder}", im)}
-    for sides in ("both", "generator", "encoder"):
-        for grid in (8, 32):
-            candidates[f"concepts: {sides} units, {grid}x{grid}"] = (
-                lambda im, s=sides, g=grid: concept_features(args.concepts, args.generator, args.encoder, im, g, s))
+    encoder = load_encoder(f"local-dir:{args.encoder}", torch.device("cpu"))
+    specs = [spec, "encoder:keys"] + [f"concepts:{sides}:{grid}" for sides in ("both", "generator", "encoder") for grid in (8, 32)]
+    candidates = {}
+    for s in dict.fromkeys(specs):
+        for random in (False, True):  # the learned backbone and its random-weight baseline (concepts: the twins' pairs)
+            backbone = load_patch_backbone(s, encoder, args.generator, random_seed=0 if random else None,
+                                           concepts=args.concepts)
+            label = f"{s}{' (features.patch_backbone)' if s == spec else ''}{', random weights' if random else ''}"
+            candidates[label] = backbone.patches
     print(f"TokenCut at tau {tau} on {args.n} scenes a split: CorLoc / AP50 (class-agnostic)")
-    print(f"{'features':<42}{'grid x channels':>16}{'test':>16}{'ood':>16}")
+    print(f"{'features':<64}{'grid x channels':>16}{'test':>16}{'ood':>16}")
     for name, make in candidates.items():
         cells = []
         for split, (images, gt) in splits.items():
             feats, grid = make(images)
             cells.append("{:.3f} / {:.3f}".format(*scores(feats, grid, images, gt, tau)))
-        print(f"{name:<42}{f'{grid[0]}x{grid[1]} x {feats.shape[-1]}':>16}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{name:<64}{f'{grid[0]}x{grid[1]} x {feats.shape[-1]}':>16}" + "".join(f"{c:>16}" for c in cells))
 
 
 def main() -> None:

@@ -9,12 +9,9 @@ from pathlib import Path
 
 from mirage.data import params as params_mod
 from mirage.models.devices import resolve_device
-from mirage.models.encoders import (
-    backbone_input_size,
-    load_encoder,
-    load_patch_backbone,
-)
+from mirage.models.encoders import load_encoder
 from mirage.models.fingerprint import encoder_spec, under
+from mirage.models.patch_backbones import backbone_input_size, load_patch_backbone
 from tasks.coco_dataset import evaluate_detector, evaluate_discovery, load_coco
 from tasks.train_detector import load_detector
 
@@ -30,7 +27,8 @@ def coco_discovery(root: Path, items) -> dict:
     backbone (`features.*`, `generate.model`) and `discover.*`."""
     p = params_mod.load(root / "params.yaml")
     encoder = load_encoder(encoder_spec(under(root, p.features.encoder)), resolve_device(p.features.device))
-    backbone = load_patch_backbone(p.features.patch_backbone, encoder, under(root, p.generate.model))
+    backbone = load_patch_backbone(p.features.patch_backbone, encoder, under(root, p.generate.model),
+                                   concepts=root / "data" / "concepts")
     size = backbone_input_size(backbone)
     stats = evaluate_discovery(backbone, size, items, p.discover, p.evaluate.iou)
     return {"backbone": p.features.patch_backbone, "encoder": p.features.encoder, "method": p.discover.method,

@@ -25,12 +25,14 @@ def evaluate_flow(params: Params, test: str, images: str, features: str, detecto
                   concepts: str | None = None) -> dict:
     """Metrics on the test split and, side by side, on the ood split (`ood`,
     when it holds scenes): TokenCut's and MaskCut's discovery, and the
-    detector of every round (its pseudo-labels' teacher is discovery)."""
+    detector of every round (its pseudo-labels' teacher is discovery); `concepts`: stage
+    concepts' output (its measures are reported here; a `concepts` patch backbone's units)."""
     with open_runner(params.runner, "evaluate") as run:  # the splits' discovery: on Dask workers with kind dask
         result, curves, grid_png, quality_png = evaluate(params, run, test, images, features, detector, ood,
-                                                         reference, real)
-    if concepts and Path(concepts).exists():  # stage concepts' measures (Rosetta Neurons), reported here
-        result["concepts"] = json.loads(Path(concepts).read_text())
+                                                         reference, real, concepts)
+    measures = Path(concepts) / "measures.json" if concepts else None
+    if measures and measures.exists():  # stage concepts' measures (Rosetta Neurons), reported here
+        result["concepts"] = json.loads(measures.read_text())
     atomic_write_json(Path(metrics), result)
     for r, curve in enumerate(curves):  # one file per self-training round: `dvc plots` draws each
         atomic_write_bytes(Path(plots) / "pr" / f"round-{r}.csv", pr_csv(curve))

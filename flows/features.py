@@ -40,9 +40,10 @@ from tasks.quality import reference_sample
 @flow(name="features")
 def features_flow(cfg: Features, images: str, generator: str, out: str, runner: Runner = Runner(),
                   errors: Errors = Errors(), imported: str | None = None, reference: str | None = None,
-                  reference_out: str | None = None, reference_n: int = 0) -> dict[str, int]:
+                  reference_out: str | None = None, reference_n: int = 0, concepts: str | None = None) -> dict[str, int]:
     """`generator`: the configured generate.model, whose UNet a `unet:` patch
-    backbone uses; `imported`: a second images table (stage import);
+    backbone uses; `concepts`: stage concepts' output (a `concepts` patch
+    backbone's units); `imported`: a second images table (stage import);
     `reference`: the real images that generated ones are measured against
     (evaluate's FD, precision/recall): a seeded sample of `reference_n` of
     them is embedded into `reference_out`, without patch features."""
@@ -52,7 +53,7 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
     with open_runner(runner, "features") as run:
         probe = first_decodable(tables) if source else None
         size = tuple(decode_batch([probe[0]], [probe[1]], None)[0].shape[1:3]) if probe else None
-        stats, rate = embed_tables(run, cfg, generator, tables, source, out, size, probe, errors, "features")
+        stats, rate = embed_tables(run, cfg, generator, tables, source, out, size, probe, errors, "features", concepts)
         report_errors("features", out, stats)
         log.info("features: %d items (%d computed at %.1f img/s, %d reused of which %d from the pool, %d dropped) "
                  "(%s runner, %d model load(s))", stats.wanted, stats.computed, rate, stats.reused, stats.restored,
@@ -73,13 +74,14 @@ def features_flow(cfg: Features, images: str, generator: str, out: str, runner: 
 
 
 def embed_tables(run, cfg: Features, generator: str, tables: list[str], source: list[tuple[int, str, str]],
-                 out: str, size: tuple[int, int] | None, probe: tuple[str, bytes] | None, errors: Errors, what: str):
+                 out: str, size: tuple[int, int] | None, probe: tuple[str, bytes] | None, errors: Errors, what: str,
+                 concepts: str | None = None):
     """Embeddings (+ patch features when `cfg.patches`) of the images
     `source` names, (table index, key, id) in the order the table keeps,
     into the features table `out`; `probe`: the image the patch grid is
     measured on.  Returns (the store's stats, images/s)."""
     mode = patch_mode(cfg)
-    facts = run.describe(FeaturesJob(cfg, generator), probe if mode else None)
+    facts = run.describe(FeaturesJob(cfg, generator, concepts), probe if mode else None)
     model_id, patch_id, computed_on = facts["model"], facts["patch_id"], tuple(facts["computed_on"])
     meta = {"stage": "features", "model": model_id, "params": cfg.digest()}
     patch_len = None
@@ -89,7 +91,7 @@ def embed_tables(run, cfg: Features, generator: str, tables: list[str], source: 
         meta |= {"grid": f"{gh},{gw},{c}", "patches": cfg.patch_backbone, "patches_model": patch_id or model_id}
     store = ShardStore(out, schema.features(facts["embed_dim"], patch_len), meta, cfg.shard_rows,
                        pool=pool_dir(what), row_bytes=2 * (facts["embed_dim"] + (patch_len or 0)) + 64)
-    job = FeaturesJob(cfg, generator, model_id, store.schema, size)
+    job = FeaturesJob(cfg, generator, concepts, model_id, store.schema, size)
     wanted = []
     for t, src, image_id in source:
         # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
@@ -114,10 +116,10 @@ def embed_tables(run, cfg: Features, generator: str, tables: list[str], source: 
 
 def main(argv: list[str] | None = None):
     """The stage's command; returns what its flow returns (counts, metrics)."""
-    params, args = parse("features", ["images", "imported", "real", "out", "reference"], argv)
+    params, args = parse("features", ["images", "imported", "real", "out", "reference", "concepts"], argv)
     real = args.real if params.evaluate.reference == "toyworld" else args.imported  # the real images' table
     return features_flow(params.features, args.images, params.generate.model, args.out, params.runner, params.errors,
-                         args.imported, real, args.reference, 2 * params.evaluate.quality_n)
+                         args.imported, real, args.reference, 2 * params.evaluate.quality_n, args.concepts)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ measurement: the same with random-weight twins and with shuffled image
 pairing, split-half stability, and mask IoU / AUROC of each pair's maps
 against the toy world's ground-truth objects.
 
-Activation maps: tasks/unit_maps.py (the generator's UNet on the noised
+Activation maps: mirage/models/unit_maps.py (the generator's UNet on the noised
 image, each ViT block's MLP activation, all on `concepts.grid`).  Statistics:
 tasks/concept_stats.py.  Per chunk of images (one store item) float64
 moments (the cross-moment matrix kept as float32 in the row); chunks combine
@@ -21,6 +21,7 @@ key-hash order) and the random-weight twins.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from mirage.models.devices import MODEL_BUILD, resolve_device
 from mirage.models.encoders import load_encoder, random_twin
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
 from tasks.concept_stats import Accumulator, Buddies, MaskScores, Moments, best_buddies, jaccard, moments_bytes
-from tasks.unit_maps import EncoderUnits, GeneratorUnits
+from mirage.models.unit_maps import EncoderUnits, GeneratorUnits
 
 VERSION = 1
 SETS = ("half0", "half1", "shuffled", "random")
@@ -56,6 +57,10 @@ PAIRS = pa.schema([
     ("encoder_layer", pa.string()),
     ("encoder_unit", pa.int32()),
     ("corr", pa.float32()),             # Pearson r over generated images x positions
+    ("generator_mean", pa.float32()),   # each side's unit over the same rows: its mean and std (z-scores for
+    ("generator_std", pa.float32()),    # features.patch_backbone: concepts)
+    ("encoder_mean", pa.float32()),
+    ("encoder_std", pa.float32()),
     ("concept", pa.int32()),            # cluster of the pair's mean maps (trained pairs; -1 otherwise)
     ("test_iou", pa.float32()),         # mean mask IoU on the test split (the pair's map, top q of positions)
     ("test_auroc", pa.float32()),
@@ -359,8 +364,11 @@ def measure(cfg: Concepts, models: Models, chunks: list[dict[str, Moments]], spl
             for j in range(len(buddies.a)):
                 gl, gu = models.generator.unit_name(int(buddies.a[j]))
                 el, eu = units.unit_name(int(buddies.b[j]))
+                a, b = int(buddies.a[j]), int(buddies.b[j])
                 row = {"model": name, "condition": condition, "generator_layer": gl, "generator_unit": gu,
-                       "encoder_layer": el, "encoder_unit": eu, "corr": float(buddies.r[j]), "concept": int(concept[j])}
+                       "encoder_layer": el, "encoder_unit": eu, "corr": float(buddies.r[j]), "concept": int(concept[j]),
+                       "generator_mean": float(stats.mean_a[a]), "generator_std": float(np.sqrt(stats.m2_a[a] / stats.n)),
+                       "encoder_mean": float(stats.mean_b[b]), "encoder_std": float(np.sqrt(stats.m2_b[b] / stats.n))}
                 for split in ("test", "ood"):
                     iou, auroc = scores.get(split, (None, None))
                     row[f"{split}_iou"] = float(iou[j]) if iou is not None else None
@@ -385,4 +393,7 @@ def measure(cfg: Concepts, models: Models, chunks: list[dict[str, Moments]], spl
                       "label": f"concept {c} ({int((concept == c).sum())} pairs): {gl}[{gu}] ~ {el}[{eu}], r {buddies.r[j]:.2f}"})
     n = min(cfg.plot_images, len(sample))
     png = concepts_png(sample[:n], g[:n], e[:n], shown, stats)
-    return result, pa.Table.from_pylist(rows_out, schema=PAIRS), png
+    # how the maps were made: what features.patch_backbone `concepts` needs to remake them
+    recipe = {"encoder": first, "grid": cfg.grid, "timestep": cfg.timestep, "noise_seed": cfg.noise_seed,
+              "random_seed": cfg.random_seed}
+    return result, pa.Table.from_pylist(rows_out, schema=PAIRS.with_metadata({"mirage": json.dumps(recipe)})), png

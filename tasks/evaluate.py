@@ -16,7 +16,8 @@ from mirage.data.images import box_iou, decode_png, draw_grid
 from mirage.data.params import Discover, Features, Params
 from mirage.data.store import read_table
 from mirage.models.devices import resolve_device
-from mirage.models.encoders import ImageEncoder, load_encoder, load_patch_backbone
+from mirage.models.encoders import ImageEncoder, load_encoder
+from mirage.models.patch_backbones import load_patch_backbone
 from mirage.models.fingerprint import encoder_spec
 from tasks.quality import generation_quality, quality_png, scene_classes
 from tasks.train_detector import load_detector, predict
@@ -200,14 +201,17 @@ class SplitDiscoveryJob:
     generator: str
     random_seed: int | None = None
     methods: tuple[str, ...] = ()  # other cuts on the same features (TokenCut and MaskCut side by side)
+    concepts: str | None = None  # stage concepts' output (a `concepts` patch backbone's units)
 
     def load_key(self) -> tuple:
         f = self.fcfg
-        return ("split-discovery", f.encoder, f.device, f.dtype, f.patch_backbone, self.generator, self.random_seed)
+        return ("split-discovery", f.encoder, f.device, f.dtype, f.patch_backbone, self.generator, self.random_seed,
+                self.concepts)
 
     def load(self):
         encoder = load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
-        return load_patch_backbone(self.fcfg.patch_backbone, encoder, self.generator, random_seed=self.random_seed)
+        return load_patch_backbone(self.fcfg.patch_backbone, encoder, self.generator, random_seed=self.random_seed,
+                                   concepts=self.concepts)
 
     def describe(self, backbone) -> dict:
         return {}
@@ -274,13 +278,14 @@ SIDE_BY_SIDE = ("ap", "ap50", "ap75", "ar100")  # the COCO measures compared per
 
 
 def evaluate(params: Params, run, test: str, images: str, features: str, detector: str,
-             ood: str | None = None, reference: str | None = None,
-             real: str | None = None) -> tuple[dict, list[np.ndarray], bytes, bytes]:
+             ood: str | None = None, reference: str | None = None, real: str | None = None,
+             concepts: str | None = None) -> tuple[dict, list[np.ndarray], bytes, bytes]:
     """The metrics (test split and, when `ood` holds scenes, the ood split
     side by side), each round's PR curve, the example grid (PNG) and the
     distribution metrics' picture (PNG; `reference`: the features stage's
     sample of real images; `real`: their scenes, whose
-    classes give the per-class measures).  `run`: a runner
+    classes give the per-class measures; `concepts`: stage concepts' output,
+    for a `concepts` patch backbone).  `run`: a runner
     (mirage/run/runner.py `open_runner`) the splits' discovery is mapped on."""
     cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
     gt = load_test_split(test, list(dcfg.classes))
@@ -289,9 +294,11 @@ def evaluate(params: Params, run, test: str, images: str, features: str, detecto
         splits["ood"] = load_test_split(ood, list(dcfg.classes))
     encoder = load_encoder(encoder_spec(fcfg.encoder), resolve_device(fcfg.device), fcfg.dtype)
     methods = tuple(dict.fromkeys([dcfg.method, "tokencut", "maskcut"]))  # the configured one first
-    both = {name: discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, methods=methods),
-                                 split["images"]) for name, split in splits.items()}
-    random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed), gt["images"])
+    both = {name: discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, methods=methods,
+                                                        concepts=concepts), split["images"])
+            for name, split in splits.items()}
+    random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed, concepts=concepts),
+                            gt["images"])
     learned = both["test"][dcfg.method]
     size = gt["images"].shape[1:3]
     found = discovery_metrics(learned, gt["boxes"], size, cfg.iou)

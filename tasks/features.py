@@ -12,13 +12,9 @@ from mirage.data.images import decode_png
 from mirage.data.params import Features
 from mirage.data.store import OrderedReader, Partial, iter_rows
 from mirage.models.devices import compute_dtype, resolve_device
-from mirage.models.encoders import (
-    EncoderPatches,
-    ImageEncoder,
-    load_encoder,
-    load_patch_backbone,
-)
+from mirage.models.encoders import ImageEncoder, load_encoder
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
+from mirage.models.patch_backbones import EncoderPatches, load_patch_backbone, parse_patch_backbone
 
 
 def decode_batch(ids: list[str], pngs: list[bytes], pool: ThreadPoolExecutor | None,
@@ -65,15 +61,15 @@ def non_finite(*arrays: np.ndarray | None) -> list[int]:
 
 
 def embed_batch(encoder: ImageEncoder, pixels: torch.Tensor, images: np.ndarray, patch_mode: str | None,
-                unet_backbone=None) -> tuple[np.ndarray, np.ndarray | None]:
+                backbone=None) -> tuple[np.ndarray, np.ndarray | None]:
     """float16 embeddings N x D (L2-normalised) and, when asked, patch features
     flattened to N x (gh*gw*C): from the encoder's own forward (`keys` /
-    `tokens`) or from a separate backbone (the toy UNet)."""
+    `tokens`) or from a separate backbone (the toy UNet, the concepts' units)."""
     with torch.inference_mode():
         emb, patches = encoder.forward(pixels, patch_mode if patch_mode in ("keys", "tokens") else None)
     emb16 = emb.cpu().numpy().astype(np.float16)
-    if patch_mode == "unet":
-        feats, _ = unet_backbone.patches(images)
+    if patch_mode in SEPARATE:
+        feats, _ = backbone.patches(images)
         return emb16, feats.reshape(len(images), -1).astype(np.float16)
     if patches is None:
         return emb16, None
@@ -81,24 +77,24 @@ def embed_batch(encoder: ImageEncoder, pixels: torch.Tensor, images: np.ndarray,
 
 
 VERSION = 2
+SEPARATE = ("unet", "concepts")  # patch backbones that are not the encoder's own forward
 
 
 def patch_mode(cfg: Features) -> str | None:
-    """None, `keys`, `tokens` (from the encoder's own forward) or `unet`."""
+    """None, `keys`, `tokens` (from the encoder's own forward), `unet` or `concepts`."""
     if not cfg.patches:
         return None
-    if cfg.patch_backbone.startswith("unet"):
-        return "unet"
-    return cfg.patch_backbone.partition(":")[2] or "keys"
+    backbone = parse_patch_backbone(cfg.patch_backbone)
+    return backbone.kind if backbone.kind in SEPARATE else backbone.part
 
 
-def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema: pa.Schema, batch) -> pa.Table | Partial:
+def encode(encoder: ImageEncoder, mode: str | None, backbone, model_id: str, fschema: pa.Schema, batch) -> pa.Table | Partial:
     """A prepared batch's rows; items that failed to decode, or whose
     features are not finite, come back as a Partial's errors."""
     specs, images, pixels, errors = batch
     if not specs:
         return Partial(fschema.empty_table(), errors)
-    emb, patches = embed_batch(encoder, pixels, images, mode, unet)
+    emb, patches = embed_batch(encoder, pixels, images, mode, backbone)
     n = len(specs)
     emb, patches = emb[:n], None if patches is None else patches[:n]  # drop the padding
     bad = non_finite(emb, patches)
@@ -122,7 +118,7 @@ def encode(encoder: ImageEncoder, mode: str | None, unet, model_id: str, fschema
 @dataclass
 class Loaded:
     encoder: ImageEncoder
-    unet: object | None  # the patch backbone, when it is the generator's UNet
+    backbone: object | None  # the patch backbone, when it is not the encoder's own forward (SEPARATE)
     decoders: ThreadPoolExecutor | None  # `features.workers` decode threads
 
 
@@ -133,6 +129,7 @@ class FeaturesJob:
 
     cfg: Features
     generator: str  # the generate.model whose UNet a `unet:` patch backbone uses
+    concepts: str | None = None  # stage concepts' output (a `concepts` patch backbone's units)
     model_id: str = ""
     schema: pa.Schema | None = None
     size: tuple[int, int] | None = None  # (h, w) every image is brought to: the first image's
@@ -144,13 +141,15 @@ class FeaturesJob:
 
     def load_key(self) -> tuple:
         c = self.cfg
-        return ("features", c.encoder, c.device, c.dtype, patch_mode(c), c.patch_backbone, self.generator, c.workers)
+        return ("features", c.encoder, c.device, c.dtype, patch_mode(c), c.patch_backbone, self.generator,
+                self.concepts if patch_mode(c) == "concepts" else None, c.workers)
 
     def load(self) -> Loaded:
         encoder = load_encoder(encoder_spec(self.cfg.encoder), resolve_device(self.cfg.device), self.cfg.dtype)
-        unet = load_patch_backbone(self.cfg.patch_backbone, encoder, self.generator) if patch_mode(self.cfg) == "unet" else None
+        backbone = (load_patch_backbone(self.cfg.patch_backbone, encoder, self.generator, concepts=self.concepts)
+                    if patch_mode(self.cfg) in SEPARATE else None)
         n = self.cfg.workers if self.cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
-        return Loaded(encoder, unet, ThreadPoolExecutor(n, thread_name_prefix="mirage-decode") if n else None)
+        return Loaded(encoder, backbone, ThreadPoolExecutor(n, thread_name_prefix="mirage-decode") if n else None)
 
     def describe(self, m: Loaded, probe: tuple[str, bytes] | None) -> dict:
         """Identity and shape of what this encoder makes; `probe`: one image
@@ -159,11 +158,13 @@ class FeaturesJob:
         facts = {"model": model_fingerprint(encoder_spec(self.cfg.encoder)), "embed_dim": m.encoder.embed_dim,
                  # float32 on a CPU and float16 autocast on a GPU give other bytes: part of every key
                  "computed_on": (m.encoder.device.type, compute_dtype(self.cfg.dtype, m.encoder.device)),
-                 # the UNet's identity, when it makes the patches
-                 "patch_id": model_fingerprint(self.generator) if mode == "unet" else "", "grid": None}
+                 # the UNet's identity, when it makes the patches; the concepts' units and the models they are from
+                 "patch_id": (model_fingerprint(self.generator) if mode == "unet" else
+                              f"{model_fingerprint(self.generator)}/{m.backbone.identity}" if mode == "concepts" else ""),
+                 "grid": None}
         if mode and probe:
             image, _ = decode_batch([probe[0]], [probe[1]], None)
-            feats, (gh, gw) = (m.unet if mode == "unet" else EncoderPatches(m.encoder, mode)).patches(image)
+            feats, (gh, gw) = (m.backbone if mode in SEPARATE else EncoderPatches(m.encoder, mode)).patches(image)
             facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
         return facts
 
@@ -180,7 +181,7 @@ class FeaturesJob:
         return specs, decoded, m.encoder.prepare(decoded), errors
 
     def compute(self, m: Loaded, prepared) -> pa.Table:
-        return encode(m.encoder, patch_mode(self.cfg), m.unet, self.model_id, self.schema, prepared)
+        return encode(m.encoder, patch_mode(self.cfg), m.backbone, self.model_id, self.schema, prepared)
 
 
 def first_decodable(tables: list[str]) -> tuple[str, bytes] | None:

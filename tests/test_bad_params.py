@@ -33,6 +33,7 @@ CASES = [  # (-S override, what the message must name)
     ("features.encoder=models/nothing", "features.encoder"),
     ("features.patch_backbone=unet:down_blocks.9.nope:10", "features.patch_backbone"),
     ("features.patch_backbone=bogus", "patch_backbone"),
+    ("features.patch_backbone=concepts:sideways", "features.patch_backbone"),
     ("features.batch_size=0", "features.batch_size"),
     ("features.workers=-1", "features"),
     # a CUDA device where there is none (on a GPU machine `cuda` is a fine value: then not a bad one)

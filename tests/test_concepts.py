@@ -7,7 +7,7 @@ import torch
 
 from tasks.concept_stats import Accumulator, MaskScores, Moments, best_buddies, jaccard
 from tasks.concepts import plan_chunks
-from tasks.unit_maps import resize_maps
+from mirage.models.unit_maps import resize_maps
 
 
 def _moments(a: np.ndarray, b: np.ndarray, batch: int) -> Moments:
@@ -217,3 +217,41 @@ def test_a_dit_generators_transformer_blocks_are_units(tmp_path):
     sets = chunk_moments(models, images, 4)
     r = combined([sets], str(ROOT / "models/encoder"))["trained"].correlation()
     assert r.shape == (32, 2048) and np.isfinite(r).all() and np.abs(r).max() > 0
+
+
+def test_concept_patches_are_the_matched_units_z_scored_and_batch_independent(done):
+    """features.patch_backbone: concepts: one channel per unit of the trained
+    best-buddy pairs (generator's, then encoder's), z-scored with the stage's
+    per-unit moments; an image's features do not depend on its batch; the
+    random-weights baseline takes the random twins' own pairs."""
+    import pyarrow.parquet as pq
+
+    from mirage.models.encoders import load_encoder
+    from mirage.models.fingerprint import encoder_spec
+    from mirage.models.patch_backbones import load_patch_backbone
+
+    encoder = load_encoder(encoder_spec(str(done / "models/encoder")), torch.device("cpu"))
+    generator = str(done / "models/generator")
+    pairs = pq.read_table(done / "data/concepts/pairs.parquet").to_pylist()
+
+    def units(condition, side):
+        return {(p[f"{side}_layer"], p[f"{side}_unit"]) for p in pairs
+                if p["condition"] == condition and p["model"] == "models/encoder"}
+
+    both = load_patch_backbone("concepts", encoder, generator, concepts=done / "data/concepts")
+    assert both.channels == len(units("trained", "generator")) + len(units("trained", "encoder")) > 0
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    feats, grid = both.patches(images)
+    assert grid == (8, 8) and feats.shape == (3, 64, both.channels)  # concepts.grid 8
+    alone, _ = both.patches(images[1:2])
+    assert np.abs(alone[0] - feats[1]).max() < 1e-4
+    # z-scored with the generated images' moments: a generated image's channels are about standard
+    assert abs(float(feats.mean())) < 3 and 0.05 < float(feats.std()) < 20
+    encoder_only = load_patch_backbone("concepts:encoder:4", encoder, generator, concepts=done / "data/concepts")
+    assert encoder_only.channels == len(units("trained", "encoder")) and encoder_only.patches(images)[1] == (4, 4)
+    random = load_patch_backbone("concepts", encoder, generator, random_seed=0, concepts=done / "data/concepts")
+    assert random.channels == len(units("random", "generator")) + len(units("random", "encoder"))
+    assert random.identity != both.identity
+    with pytest.raises(ValueError, match="features.patch_backbone.*run the concepts stage"):
+        load_patch_backbone("concepts", encoder, generator, concepts=done / "data/nothing")

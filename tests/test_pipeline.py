@@ -19,7 +19,7 @@ from flows import pipeline
 from mirage.cli import main as cli_main
 from mirage.data.params import load as load_params
 from mirage.data.params import write_overrides
-from mirage.data.store import read_table
+from mirage.data.store import read_table, table_metadata
 from mirage.run import scheduler
 
 # Quality bands for the small config of conftest.TINY (40 test scenes, 24
@@ -243,3 +243,25 @@ def test_mirage_train_retrains_a_frozen_model_and_records_it(project):
     assert "train_encoder" in lock and "train_generator" not in lock
     assert scheduler.stale(project) == {}
     assert cli_main(["--root", str(project), "train", "decoder"]) == 2
+
+
+@pytest.mark.slow
+def test_a_concepts_patch_backbone_runs_through_and_back_without_recomputing(done, project):
+    """features.patch_backbone: concepts (the matched units of stage concepts'
+    pairs) through discovery and evaluate; back to the default, features and
+    discover restore their items (nothing computed), train_detector and
+    evaluate come from DVC's run-cache: every output byte-identical to before."""
+    default = load_params(project / "params.yaml").features.patch_backbone
+    ran = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": "concepts"}) if r.ran}
+    assert list(ran) == ["features", "curate", "discover", "train_detector", "evaluate"]
+    assert ran["features"].result["computed"] == 24
+    trained = [p for p in pq.read_table(project / "data/concepts/pairs.parquet").to_pylist() if p["condition"] == "trained"]
+    channels = sum(len({(p[f"{side}_layer"], p[f"{side}_unit"]) for p in trained}) for side in ("generator", "encoder"))
+    assert table_metadata(project / "data/features")["grid"] == f"8,8,{channels}"  # concepts.grid, one channel a unit
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert metrics["discovery"]["backbone"] == "concepts" and 0.0 < metrics["discovery"]["corloc"] <= 1.0
+    back = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": default}) if r.ran}
+    assert back["features"].result["computed"] == 0 and back["discover"].result["computed"] == 0
+    assert back["train_detector"].restored and back["evaluate"].restored
+    for name in ("metrics/evaluate.json", "data/discovery.coco.json"):
+        assert (project / name).read_bytes() == (done / name).read_bytes(), name

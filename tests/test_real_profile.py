@@ -64,7 +64,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
             "features.patch_backbone": "encoder:keys", "discover.tau": 0.2,
             "concepts.encoder_layers": [-1]}  # one block of ViT-B-32 (3072 units): every block's moments are 1.9 GB
     first = pipeline.run(root, real)
-    assert [r.name for r in first if r.ran] == ["generate", "features", "curate", "discover", "concepts", "train_detector",
+    assert [r.name for r in first if r.ran] == ["generate", "concepts", "features", "curate", "discover", "train_detector",
                                                  "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     d = metrics["discovery"]
@@ -89,7 +89,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
 
     # a timm ViT (no text tower): objects stay unnamed, no prompt alignment
     timm = pipeline.run(root, {"features.encoder": str(models["timm"])})
-    assert [r.name for r in timm if r.ran] == ["features", "curate", "discover", "concepts", "train_detector", "evaluate"]
+    assert [r.name for r in timm if r.ran] == ["concepts", "features", "curate", "discover", "train_detector", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["generation"]["prompt_alignment"] is None
     assert table_metadata(root / "data/features")["grid"] == "14,14,384"

@@ -75,10 +75,10 @@ def check_encoder(params: Params, root: Path, key: str = "features.encoder") -> 
 
 
 def check_patch_backbone(params: Params, root: Path) -> None:
-    from mirage.models.encoders import parse_patch_backbone
+    from mirage.models.patch_backbones import parse_patch_backbone
 
     try:
-        kind, module, _, _ = parse_patch_backbone(params.features.patch_backbone)
+        kind, module, *_ = parse_patch_backbone(params.features.patch_backbone)
     except ValueError as err:
         raise ParamsError(str(err)) from None
     if kind != "unet" or not params.features.patches:
