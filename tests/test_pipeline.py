@@ -193,6 +193,32 @@ def test_set_keeps_params_yaml_as_written(project):
     assert after == text.replace("grid_images: 4", "grid_images: 8")
 
 
+def test_dvc_yaml_parsed_once_hands_out_independent_copies_that_write_back_the_same_bytes(done):
+    """scheduler parses each text DVC reads once per process: every caller
+    gets its own copy (a change to one is not seen by the next), equal to a
+    fresh parse, and a round-trip copy dumps dvc.lock's exact bytes."""
+    import io
+
+    from dvc.utils.serialize import _yaml
+
+    from mirage.run.scheduler import open_repo
+
+    open_repo(done).close()
+    assert getattr(_yaml.parse_yaml, "once", False)
+    text = (done / "dvc.lock").read_text()
+    first = _yaml.parse_yaml(text, "dvc.lock", typ="rt")
+    first["stages"]["evaluate"]["cmd"] = "changed"
+    second = _yaml.parse_yaml(text, "dvc.lock", typ="rt")
+    from ruamel.yaml import YAML
+
+    assert second["stages"]["evaluate"]["cmd"] != "changed" and second == YAML(typ="rt").load(text)
+    out = io.StringIO()
+    _yaml._dump(second, out)
+    assert out.getvalue() == text
+    with pytest.raises(_yaml.YAMLFileCorruptedError):
+        _yaml.parse_yaml("a: [", "broken.yaml")
+
+
 @pytest.mark.slow
 def test_dvc_repro_alone_runs_a_stage_and_agrees_with_mirage(project):
     """`dvc repro` runs the same stage commands through DVC, each in its own process."""

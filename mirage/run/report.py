@@ -125,6 +125,7 @@ def record_assets(root: Path, stage, producers: dict[str, str], params: params_m
     """Materialize `stage`'s DVC outputs as Prefect assets, its upstream
     outputs (deps another stage writes) as their asset deps."""
     from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
+    from prefect.context import TagsContext
 
     outs = [o for o in stage.outs]
     if not outs:
@@ -142,7 +143,10 @@ def record_assets(root: Path, stage, producers: dict[str, str], params: params_m
             add_asset_metadata(asset, {"stage": stage.name, "params_digest": digest, "dvc_hash": hashed,
                                        **output_facts(root / out.def_path)})
 
-    materialize(*assets, asset_deps=upstream, by="dvc", name=f"{stage.name}-outputs")(add_metadata)()
+    # without the run's tags: a tagged task run first takes a slot of each tag's concurrency limit from the
+    # server (none is set for these tags), a round trip per stage for nothing
+    with TagsContext(current_tags=set()):
+        materialize(*assets, asset_deps=upstream, by="dvc", name=f"{stage.name}-outputs")(add_metadata)()
 
 
 def producer(path: str, producers: dict[str, str]) -> str | None:
