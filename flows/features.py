@@ -97,7 +97,7 @@ def embed_tables(run, cfg: Features, generator: str, tables: list[str], source: 
         # what determines an item: its image, the encoder's bytes, how patches are made, the batch shape
         # and the size images are brought to (the first image's: an imported one of another size is resized)
         key = item_key("features", VERSION, src, model_id, mode, cfg.patch_backbone if mode else "", patch_id,
-                       cfg.batch_size, computed_on, size)
+                       cfg.batch_size, computed_on, size, *([] if cfg.merges_nothing else [cfg.tome_r]))
         wanted.append((key, {"key": key, "src": src, "id": image_id, "table": t}))
     reader = TablesReader(tables)
 

@@ -14,6 +14,7 @@ from mirage.data.store import OrderedReader, Partial, iter_rows
 from mirage.models.devices import compute_dtype, resolve_device
 from mirage.models.encoders import ImageEncoder, load_encoder
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
+from mirage.models.tome import blocks_of
 from mirage.models.patch_backbones import EncoderPatches, load_patch_backbone, parse_patch_backbone
 
 
@@ -61,12 +62,13 @@ def non_finite(*arrays: np.ndarray | None) -> list[int]:
 
 
 def embed_batch(encoder: ImageEncoder, pixels: torch.Tensor, images: np.ndarray, patch_mode: str | None,
-                backbone=None) -> tuple[np.ndarray, np.ndarray | None]:
+                backbone=None, tome_r: int | tuple = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """float16 embeddings N x D (L2-normalised) and, when asked, patch features
     flattened to N x (gh*gw*C): from the encoder's own forward (`keys` /
-    `tokens`) or from a separate backbone (the toy UNet, the concepts' units)."""
+    `tokens`) or from a separate backbone (the toy UNet, the concepts' units).
+    `tome_r`: the encoder's tokens merged per block (features.tome_r)."""
     with torch.inference_mode():
-        emb, patches = encoder.forward(pixels, patch_mode if patch_mode in ("keys", "tokens") else None)
+        emb, patches = encoder.forward(pixels, patch_mode if patch_mode in ("keys", "tokens") else None, tome_r)
     emb16 = emb.cpu().numpy().astype(np.float16)
     if patch_mode in SEPARATE:
         feats, _ = backbone.patches(images)
@@ -88,13 +90,14 @@ def patch_mode(cfg: Features) -> str | None:
     return backbone.kind if backbone.kind in SEPARATE else backbone.part
 
 
-def encode(encoder: ImageEncoder, mode: str | None, backbone, model_id: str, fschema: pa.Schema, batch) -> pa.Table | Partial:
+def encode(encoder: ImageEncoder, mode: str | None, backbone, model_id: str, fschema: pa.Schema, batch,
+           tome_r: int | tuple = 0) -> pa.Table | Partial:
     """A prepared batch's rows; items that failed to decode, or whose
     features are not finite, come back as a Partial's errors."""
     specs, images, pixels, errors = batch
     if not specs:
         return Partial(fschema.empty_table(), errors)
-    emb, patches = embed_batch(encoder, pixels, images, mode, backbone)
+    emb, patches = embed_batch(encoder, pixels, images, mode, backbone, tome_r)
     n = len(specs)
     emb, patches = emb[:n], None if patches is None else patches[:n]  # drop the padding
     bad = non_finite(emb, patches)
@@ -146,6 +149,8 @@ class FeaturesJob:
 
     def load(self) -> Loaded:
         encoder = load_encoder(encoder_spec(self.cfg.encoder), resolve_device(self.cfg.device), self.cfg.dtype)
+        if not self.cfg.merges_nothing:
+            blocks_of(encoder.model)  # refuses, naming features.tome_r, a ViT that merging cannot patch
         backbone = (load_patch_backbone(self.cfg.patch_backbone, encoder, self.generator, concepts=self.concepts)
                     if patch_mode(self.cfg) in SEPARATE else None)
         n = self.cfg.workers if self.cfg.workers != "auto" else (2 if encoder.device.type == "cuda" else 0)
@@ -164,7 +169,8 @@ class FeaturesJob:
                  "grid": None}
         if mode and probe:
             image, _ = decode_batch([probe[0]], [probe[1]], None)
-            feats, (gh, gw) = (m.backbone if mode in SEPARATE else EncoderPatches(m.encoder, mode)).patches(image)
+            feats, (gh, gw) = (m.backbone if mode in SEPARATE else
+                               EncoderPatches(m.encoder, mode, self.cfg.tome_r)).patches(image)
             facts["grid"] = (gh, gw, feats[0].size // (gh * gw))
         return facts
 
@@ -181,7 +187,7 @@ class FeaturesJob:
         return specs, decoded, m.encoder.prepare(decoded), errors
 
     def compute(self, m: Loaded, prepared) -> pa.Table:
-        return encode(m.encoder, patch_mode(self.cfg), m.backbone, self.model_id, self.schema, prepared)
+        return encode(m.encoder, patch_mode(self.cfg), m.backbone, self.model_id, self.schema, prepared, self.cfg.tome_r)
 
 
 def first_decodable(tables: list[str]) -> tuple[str, bytes] | None:

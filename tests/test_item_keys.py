@@ -45,6 +45,8 @@ CASES = [
     # `auto` computes float32 on the CPU (autocast float16 on a GPU: then a change)
     ("features.dtype", "float32", {"features": IMAGES, "discover": IMAGES} if GPU else {}),
     ("features.patch_backbone", "encoder:keys", {"features": IMAGES, "discover": IMAGES}),
+    ("features.tome_r", 2, {"features": IMAGES, "discover": IMAGES}),  # merged tokens: other embeddings
+    ("features.tome_r", [0, 0.5], {}),  # a ramp from 0 to 0 merges nothing: the keys it always had
     ("discover.tau", 0.5, {"discover": IMAGES}),
     ("discover.prompt_template", "a photo of a {}", {"discover": IMAGES}),
     ("discover.shard_rows", 3, {}),

@@ -166,10 +166,27 @@ class Generate(Section):
 class Features(Section):
     RUNTIME = frozenset({"workers"})
 
+    def digest(self) -> str:
+        """As Section's; tome_r left out at 0 (off), so every item made before it
+        existed keeps its key."""
+        exclude = set(self.RUNTIME | self.LAYOUT) | ({"tome_r"} if self.merges_nothing else set())
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def merges_nothing(self) -> bool:
+        """tome_r 0 or [0, inflection]: Token Merging off."""
+        return (self.tome_r if isinstance(self.tome_r, int) else self.tome_r[0]) == 0
+
     @model_validator(mode="after")
-    def _workers(self) -> "Features":
+    def _values(self) -> "Features":
         if isinstance(self.workers, int) and self.workers < 0:
             raise ValueError("workers must be >= 0 or auto")
+        r = self.tome_r if isinstance(self.tome_r, int) else self.tome_r[0]
+        if r < 0:
+            raise ValueError(f"tome_r must be >= 0 (tokens merged per block), not {r}")
+        if not isinstance(self.tome_r, int) and not 0 <= self.tome_r[1] <= 1:
+            raise ValueError(f"tome_r: the inflection must be in [0, 1], not {self.tome_r[1]}")
         return self
 
     encoder: str = "models/encoder"  # open_clip (dir, ARCH:TAG, random:ARCH:SEED) or timm:NAME / timm:local-dir:PATH
@@ -177,6 +194,9 @@ class Features(Section):
     patches: bool
     # encoder (= encoder:keys), encoder:tokens, or unet:MODULE:TIMESTEP[:SEED]
     patch_backbone: str = "encoder"
+    # Token Merging: patch tokens merged in each ViT block (ToMe's r), or [r, inflection]
+    # (a ramp from r(1-inflection) to r(1+inflection)); 0 = off
+    tome_r: int | tuple[int, float] = 0
     # threads decoding and preprocessing ahead of the model; auto: 2 when it runs
     # on a GPU, 0 (inline) on CPU, where the model already keeps every core busy
     workers: int | Literal["auto"] = "auto"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mirage.models.devices import MODEL_BUILD, resolve_device, resolve_dtype
+from mirage.models.tome import merging
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -96,30 +97,36 @@ class ImageEncoder:
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, patches: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, patches: str | None = None,
+                tome_r: int | tuple | list = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised float32 embeddings B x D and, if asked, patch features
         B x (gh * gw) x C: `keys` (the last block's attention keys, TokenCut's
-        choice) or `tokens` (the final patch tokens); prefix tokens dropped."""
+        choice) or `tokens` (the final patch tokens); prefix tokens dropped.
+        `tome_r`: tokens merged per block (mirage/models/tome.py); the patch
+        features of merged tokens are mapped back to the grid."""
         if patches not in (None, "keys", "tokens"):
             raise ValueError(f"patch features {patches!r}: expected 'keys' or 'tokens'")
-        captured: list[torch.Tensor] = []
+        captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         tokens_at, keys_at = self._hooks()
         module = tokens_at if patches == "tokens" else keys_at
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out)) if patches else None
         autocast = torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
-        try:
-            with autocast:
-                emb = self._embed(x.to(self.device, non_blocking=True))
-                feats = None
-                if patches == "keys":
-                    feats = self._keys(captured[-1])
-                elif patches == "tokens":
-                    feats = captured[-1]
-        finally:
-            if handle:
-                handle.remove()
+        with merging(self.model, tome_r, self.num_prefix_tokens, trace=patches is not None) as state:
+            # the source is taken with the features: the last block's keys come before its own merge
+            handle = module.register_forward_hook(
+                lambda _m, _i, out: captured.append((out, state.source if state else None))) if patches else None
+            try:
+                with autocast:
+                    emb = self._embed(x.to(self.device, non_blocking=True))
+                    feats = None
+                    if patches:
+                        out, source = captured[-1]
+                        feats = (self._keys(out) if patches == "keys" else out)[:, self.num_prefix_tokens :]
+                        feats = state.to_grid(feats, source) if state else feats
+            finally:
+                if handle:
+                    handle.remove()
         emb = F.normalize(emb.float(), dim=-1)
-        return emb, None if feats is None else feats[:, self.num_prefix_tokens :].float()
+        return emb, None if feats is None else feats.float()
 
     def encode_images(self, images: np.ndarray, keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings and (if `keys`) last-block attention keys of uint8 images."""

@@ -46,16 +46,17 @@ class EncoderPatches:
     """Patch features from the encoder itself: its last-block attention keys
     (`keys`, TokenCut's choice) or its final patch tokens (`tokens`)."""
 
-    def __init__(self, encoder: ImageEncoder, mode: str = "keys"):
+    def __init__(self, encoder: ImageEncoder, mode: str = "keys", tome_r: int | tuple = 0):
         if mode not in ("keys", "tokens"):
             raise ValueError(f"features.patch_backbone: encoder:{mode} is neither encoder:keys nor encoder:tokens")
         self.encoder = encoder
         self.mode = mode
+        self.tome_r = tome_r  # tokens merged per block, mapped back to the grid
 
     def patches(self, images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """uint8 B x H x W x 3 -> float32 B x (gh * gw) x C and the grid (gh, gw)."""
         with torch.inference_mode():
-            _, feats = self.encoder.forward(self.encoder.prepare(images), self.mode)
+            _, feats = self.encoder.forward(self.encoder.prepare(images), self.mode, self.tome_r)
         return feats.cpu().numpy(), self.encoder.patch_grid
 
 

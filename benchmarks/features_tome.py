@@ -1,0 +1,137 @@
+"""Token Merging (features.tome_r): throughput, agreement with r = 0, and what it does to discovery.
+
+1. Throughput vs r of ViT-B-16 and ViT-S-16 (open_clip, random weights,
+   224 px, CPU, float32) on toy-world scenes brought to 224 px, r values
+   interleaved in each repeat (side by side), with the embedding cosine to
+   r = 0 (mean and min over the images; and centred: less the images' mean
+   embedding at r = 0, since a random-weight ViT maps every image close to
+   one direction and the plain cosine says little).  Target (issue 23): >= 1.5x on
+   ViT-B-16 at an r where the cosine stays >= 0.98.
+2. The toy encoder (models/encoder) vs r: zero-shot accuracy on one-object
+   scenes of the test and ood worlds, prompt alignment on data/generated
+   (when it exists), and TokenCut on its last-block keys (CorLoc and
+   class-agnostic AP50 on the toy test and ood splits, merged tokens mapped
+   back to the 8x8 grid), at discover.tau (0.2 here: CLIP keys).
+
+    .venv/bin/python benchmarks/features_tome.py --n 64 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import project_params
+
+from mirage.data.images import decode_png
+from mirage.data.params import Split
+from mirage.data.store import read_table
+from mirage.models.encoders import load_encoder
+from mirage.models.patch_backbones import EncoderPatches
+from tasks.toyworld import render_scene
+
+
+def scenes(n: int, seed: int, one_object: bool = False, **world) -> tuple[np.ndarray, list[str]]:
+    cfg = project_params().toyworld
+    split = Split(n=n, seed=seed, min_objects=1, max_objects=1 if one_object else 3, **world)
+    rendered = [render_scene(cfg, split, i) for i in range(n)]
+    return np.stack([s.image for s in rendered]), [s.objects[0].class_name if s.objects else "" for s in rendered]
+
+
+def throughput(arch: str, images: np.ndarray, rs: list[int], batch: int, repeats: int) -> None:
+    enc = load_encoder(f"random:{arch}:0", torch.device("cpu"))
+    pixels = [enc.prepare(images[i : i + batch]) for i in range(0, len(images), batch)]
+    seconds = {r: [] for r in rs}
+    emb = {}
+    with torch.inference_mode():
+        for r in rs:  # warm-up, and the embeddings
+            emb[r] = torch.cat([enc.forward(x, None, r)[0] for x in pixels])
+        for _ in range(repeats):
+            for r in rs:
+                start = time.perf_counter()
+                for x in pixels:
+                    enc.forward(x, None, r)
+                seconds[r].append(time.perf_counter() - start)
+    base = min(seconds[rs[0]])
+    print(f"\n{arch} (random weights, {enc.image_size} px, {enc.patch_grid[0] * enc.patch_grid[1]} patches, "
+          f"{len(images)} images, batch {batch}, best of {repeats})")
+    print(f"{'r':>4}{'img/s':>10}{'x r=0':>8}{'cos mean':>10}{'cos min':>10}{'centred mean':>14}{'centred min':>13}")
+    centre = emb[rs[0]].mean(0)  # random weights map every image near one direction: the centred cosine
+    for r in rs:                 # compares what is left, the part that tells images apart
+        cos = (emb[r] * emb[rs[0]]).sum(-1)
+        cc = torch.nn.functional.cosine_similarity(emb[r] - centre, emb[rs[0]] - centre, dim=-1)
+        best = min(seconds[r])
+        print(f"{r:>4}{len(images) / best:>10.1f}{base / best:>8.2f}{float(cos.mean()):>10.4f}{float(cos.min()):>10.4f}"
+              f"{float(cc.mean()):>14.4f}{float(cc.min()):>13.4f}")
+
+
+def toy_encoder(args, rs: list[int]) -> None:
+    from tasks.evaluate import coco_detection, corloc, prompt_alignment
+    from tasks.discover import cut_to_object, tokencut
+
+    params = project_params()
+    classes = list(params.discover.classes)
+    enc = load_encoder(f"local-dir:{args.encoder}", torch.device("cpu"))
+    with torch.inference_mode():
+        text = enc.encode_text([params.discover.prompt_template.format(c) for c in classes]).float().numpy()
+    ood = params.toyworld.ood
+    worlds = {"test": scenes(args.n_zero_shot, 101, True),
+              "ood": scenes(args.n_zero_shot, 102, True, textures=ood.textures)}  # ood textures, the known shapes
+    generated = None
+    if Path(args.generated).exists():
+        rows = [r for r in read_table(args.generated, columns=["image", "class_name"]).to_pylist()
+                if r["class_name"] in classes][: args.n_zero_shot]
+        generated = (np.stack([decode_png(r["image"]) for r in rows]), [classes.index(r["class_name"]) for r in rows])
+    splits = {}
+    for split in ("test", "ood"):
+        rows = read_table(f"data/toyworld/{split}", columns=["image", "objects"]).to_pylist()[: args.n_cuts]
+        splits[split] = (np.stack([decode_png(r["image"]) for r in rows]), [[o["box"] for o in r["objects"]] for r in rows])
+    print(f"\ntoy encoder ({args.encoder}, {enc.patch_grid[0]}x{enc.patch_grid[1]} patches): zero-shot accuracy on "
+          f"{args.n_zero_shot} one-object scenes, prompt alignment on {len(generated[1]) if generated else 0} generated "
+          f"images, TokenCut on its keys (tau {args.tau}) on {args.n_cuts} scenes a split: CorLoc / AP50")
+    print(f"{'r':>4}{'zs test':>9}{'zs ood':>9}{'align':>8}{'cuts test':>16}{'cuts ood':>16}")
+    for r in rs:
+        with torch.inference_mode():
+            cells = []
+            for images, kinds in worlds.values():
+                emb = enc.forward(enc.prepare(images), None, r)[0].numpy()
+                cells.append(prompt_alignment(emb, text, [classes.index(k) for k in kinds]))
+            align = (prompt_alignment(enc.forward(enc.prepare(generated[0]), None, r)[0].numpy(), text, generated[1])
+                     if generated else float("nan"))
+        cuts = []
+        for images, gt in splits.values():
+            feats, grid = EncoderPatches(enc, "keys", r).patches(images)
+            h, w = images.shape[1:3]
+            found = [tokencut(f, grid, args.tau, 1e-5) for f in feats]
+            boxes = [cut_to_object(c, h, w)[1] for c in found]
+            dets = [{"boxes": np.array([b]), "scores": np.array([1 - c.eigenvalue])} for b, c in zip(boxes, found)]
+            cuts.append(f"{corloc(boxes, gt, 0.5):.3f} / {coco_detection(gt, dets, (h, w))[0]['AP50']:.3f}")
+        print(f"{r:>4}{cells[0]:>9.3f}{cells[1]:>9.3f}{align:>8.3f}{cuts[0]:>16}{cuts[1]:>16}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="ViT-B-16,ViT-S-16")
+    p.add_argument("--rs", default="0,4,8,13,16", help="tokens merged per block (ViT-B-16: 196 patches, 12 blocks)")
+    p.add_argument("--n", type=int, default=64, help="images per throughput measurement")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--encoder", default="models/encoder")
+    p.add_argument("--toy-rs", default="0,1,2,4,6,8", help="the toy encoder: 64 patches, 4 blocks")
+    p.add_argument("--n-zero-shot", type=int, default=300)
+    p.add_argument("--n-cuts", type=int, default=300)
+    p.add_argument("--generated", default="data/generated")
+    p.add_argument("--tau", type=float, default=0.2)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    images, _ = scenes(args.n, 7)
+    for arch in args.archs.split(","):
+        throughput(arch, images, [int(r) for r in args.rs.split(",")], args.batch, args.repeats)
+    toy_encoder(args, [int(r) for r in args.toy_rs.split(",")])
+
+
+if __name__ == "__main__":
+    main()
