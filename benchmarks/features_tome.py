@@ -11,7 +11,14 @@
    scenes of the test and ood worlds, prompt alignment on data/generated
    (when it exists), and TokenCut on its last-block keys (CorLoc and
    class-agnostic AP50 on the toy test and ood splits, merged tokens mapped
-   back to the 8x8 grid), at discover.tau (0.2 here: CLIP keys).
+   back to the 8x8 grid; and cut on the merged graph, discover.on_merged),
+   at discover.tau (0.2 here: CLIP keys).
+3. MaskCut (3 cuts) at 3600 patches x 768 (synthetic features of three
+   objects, as benchmarks/ncut_speed.py makes them), merged by ToMe's own
+   matching down to a quarter of the nodes: images/s of the cut on the
+   unmerged patches, on the merged tokens mapped back to the grid, and on
+   the merged graph (discover.on_merged), with the masks' IoU to the
+   unmerged cut and between the two merged ones.
 
     .venv/bin/python benchmarks/features_tome.py --n 64 --repeats 3
 """
@@ -92,7 +99,8 @@ def toy_encoder(args, rs: list[int]) -> None:
     print(f"\ntoy encoder ({args.encoder}, {enc.patch_grid[0]}x{enc.patch_grid[1]} patches): zero-shot accuracy on "
           f"{args.n_zero_shot} one-object scenes, prompt alignment on {len(generated[1]) if generated else 0} generated "
           f"images, TokenCut on its keys (tau {args.tau}) on {args.n_cuts} scenes a split: CorLoc / AP50")
-    print(f"{'r':>4}{'zs test':>9}{'zs ood':>9}{'align':>8}{'cuts test':>16}{'cuts ood':>16}")
+    print(f"{'r':>4}{'zs test':>9}{'zs ood':>9}{'align':>8}{'cuts test':>16}{'cuts ood':>16}"
+          f"{'merged graph test':>19}{'ood':>16}")
     for r in rs:
         with torch.inference_mode():
             cells = []
@@ -102,14 +110,68 @@ def toy_encoder(args, rs: list[int]) -> None:
             align = (prompt_alignment(enc.forward(enc.prepare(generated[0]), None, r)[0].numpy(), text, generated[1])
                      if generated else float("nan"))
         cuts = []
-        for images, gt in splits.values():
-            feats, grid = EncoderPatches(enc, "keys", r).patches(images)
-            h, w = images.shape[1:3]
-            found = [tokencut(f, grid, args.tau, 1e-5) for f in feats]
-            boxes = [cut_to_object(c, h, w)[1] for c in found]
-            dets = [{"boxes": np.array([b]), "scores": np.array([1 - c.eigenvalue])} for b, c in zip(boxes, found)]
-            cuts.append(f"{corloc(boxes, gt, 0.5):.3f} / {coco_detection(gt, dets, (h, w))[0]['AP50']:.3f}")
-        print(f"{r:>4}{cells[0]:>9.3f}{cells[1]:>9.3f}{align:>8.3f}{cuts[0]:>16}{cuts[1]:>16}")
+        for on_merged in (False, True):
+            for images, gt in splits.values():
+                feats, grid = EncoderPatches(enc, "keys", r).patches(images)
+                h, w = images.shape[1:3]
+                found = [tokencut(f, grid, args.tau, 1e-5, merged=on_merged) for f in feats]
+                boxes = [cut_to_object(c, h, w)[1] for c in found]
+                dets = [{"boxes": np.array([b]), "scores": np.array([1 - c.eigenvalue])} for b, c in zip(boxes, found)]
+                cuts.append(f"{corloc(boxes, gt, 0.5):.3f} / {coco_detection(gt, dets, (h, w))[0]['AP50']:.3f}")
+        print(f"{r:>4}{cells[0]:>9.3f}{cells[1]:>9.3f}{align:>8.3f}" + "".join(f"{c:>16}" for c in cuts[:2])
+              + f"{cuts[2]:>19}{cuts[3]:>16}")
+
+
+def objects_features(side: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    labels = np.zeros((side, side), dtype=int)
+    q = side // 8
+    labels[q : 3 * q, q : 3 * q], labels[q : 3 * q, 5 * q : 7 * q], labels[5 * q : 7 * q, 3 * q : 5 * q] = 1, 2, 3
+    base = rng.normal(size=(4, dim))
+    return (base[labels.reshape(-1)] + rng.normal(0, 1.0, (side * side, dim))).astype(np.float32)
+
+
+def merged_to(feats: np.ndarray, tokens: int, rounds: int = 8) -> np.ndarray:
+    """ToMe's matching on the features themselves, in `rounds` steps down to
+    `tokens` tokens (size-weighted averages), mapped back to the grid."""
+    from mirage.models.tome import Merging
+
+    x = torch.from_numpy(feats)[None]
+    n = x.shape[1]
+    m = Merging([(n - tokens) // rounds] * rounds, prefix=0, trace=True)
+    for _ in range(rounds):
+        x = m.merge(x, x)
+    return m.to_grid(x, m.source)[0].numpy()
+
+
+def cuts_at_scale(args) -> None:
+    from tasks.discover import maskcut
+
+    rng = np.random.default_rng(0)
+    side = int(round(np.sqrt(args.nodes)))
+    feats = [objects_features(side, 768, rng) for _ in range(args.cut_images)]
+    merged = [merged_to(f, args.nodes // 4) for f in feats]
+    runs = {"unmerged patches": (feats, False), "merged, mapped back": (merged, False),
+            "merged graph (on_merged)": (merged, True)}
+    masks, rates = {}, {}
+    for name, (fs, on_merged) in runs.items():
+        start = time.perf_counter()
+        masks[name] = [maskcut(f, (side, side), args.tau_scale, 1e-5, 3, merged=on_merged) for f in fs]
+        rates[name] = len(fs) / (time.perf_counter() - start)
+
+    def iou(a, b) -> float:  # the union of each image's masks
+        ua = [np.any([c.patch_mask for c in cuts], 0) if cuts else np.zeros((side, side), bool) for cuts in a]
+        ub = [np.any([c.patch_mask for c in cuts], 0) if cuts else np.zeros((side, side), bool) for cuts in b]
+        return float(np.mean([(x & y).sum() / max((x | y).sum(), 1) for x, y in zip(ua, ub)]))
+
+    print(f"\nMaskCut, 3 cuts, {side * side} patches x 768 ({args.cut_images} synthetic images of 3 objects, "
+          f"tau {args.tau_scale}), merged to {args.nodes // 4} tokens")
+    print(f"{'cut on':<28}{'img/s':>8}{'x unmerged':>12}{'IoU to unmerged':>17}{'masks found':>13}")
+    first = next(iter(runs))
+    for name in runs:
+        found = sum(len(c) for c in masks[name])
+        print(f"{name:<28}{rates[name]:>8.2f}{rates[name] / rates[first]:>12.2f}{iou(masks[name], masks[first]):>17.3f}"
+              f"{found:>13}")
+    print(f"IoU, merged graph vs merged mapped back: {iou(masks['merged graph (on_merged)'], masks['merged, mapped back']):.4f}")
 
 
 def main() -> None:
@@ -125,12 +187,21 @@ def main() -> None:
     p.add_argument("--n-cuts", type=int, default=300)
     p.add_argument("--generated", default="data/generated")
     p.add_argument("--tau", type=float, default=0.2)
+    p.add_argument("--nodes", type=int, default=3600)
+    p.add_argument("--cut-images", type=int, default=4)
+    p.add_argument("--tau-scale", type=float, default=0.2)
+    p.add_argument("--parts", default="throughput,toy,cuts")
     args = p.parse_args()
     torch.manual_seed(0)
-    images, _ = scenes(args.n, 7)
-    for arch in args.archs.split(","):
-        throughput(arch, images, [int(r) for r in args.rs.split(",")], args.batch, args.repeats)
-    toy_encoder(args, [int(r) for r in args.toy_rs.split(",")])
+    parts = args.parts.split(",")
+    if "throughput" in parts:
+        images, _ = scenes(args.n, 7)
+        for arch in args.archs.split(","):
+            throughput(arch, images, [int(r) for r in args.rs.split(",")], args.batch, args.repeats)
+    if "toy" in parts:
+        toy_encoder(args, [int(r) for r in args.toy_rs.split(",")])
+    if "cuts" in parts:
+        cuts_at_scale(args)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,36 @@ def foreground(x: np.ndarray, grid: tuple[int, int], nodes: np.ndarray, corner_r
     return labels == labels.flat[seed]
 
 
+class Graph:
+    """TokenCut's graph of one image's patches, and its Fiedler vector on a set
+    of them.  `merged`: patches with identical features (the tokens Token
+    Merging made one, mapped back to the grid: features.tome_r) are one node
+    weighing as many patches, so the solve runs on the merged graph, T' nodes
+    instead of P: W'_ab = s_a s_b w(a, b).  Its eigenproblem is the patch
+    graph's restricted to vectors equal on each merged token (which the patch
+    graph's Fiedler vector is, identical nodes being interchangeable), so the
+    cut is the same and its vector is mapped back to the patches."""
+
+    def __init__(self, features: np.ndarray, tau: float, eps: float, merged: bool = False):
+        if merged:  # rows compared as raw bytes: 20x faster than np.unique(axis=0) at 3600 x 768
+            f = np.ascontiguousarray(features)
+            rows = f.view(np.dtype((np.void, f.dtype.itemsize * f.shape[1]))).ravel()
+            _, first, self.token = np.unique(rows, return_index=True, return_inverse=True)
+            features, self.token = f[first], self.token.reshape(-1)
+        else:
+            self.token = None
+        self.graph = affinity(features, tau, eps)
+
+    def fiedler(self, nodes: np.ndarray) -> tuple[np.ndarray, float]:
+        """The Fiedler vector on patches `nodes` (a value per patch) and its eigenvalue."""
+        if self.token is None:
+            return fiedler(self.graph if len(nodes) == len(self.graph) else self.graph[np.ix_(nodes, nodes)])
+        tokens, at, sizes = np.unique(self.token[nodes], return_inverse=True, return_counts=True)
+        weights = sizes.astype(np.float32)
+        y, value = fiedler(self.graph[np.ix_(tokens, tokens)] * weights[:, None] * weights[None, :])
+        return y[at.reshape(-1)], value
+
+
 def maskcut(
     features: np.ndarray,
     grid: tuple[int, int],
@@ -113,18 +143,20 @@ def maskcut(
     eps: float,
     max_objects: int,
     min_area: float = 0.01,
+    merged: bool = False,
 ) -> list[Cut]:
     """Up to `max_objects` cuts: after each, the found patches leave the graph
     and the rest is cut again, so masks never overlap (MaskCut's IoU > 0.5
     filter matters only after pixel-level refinement, which mirage does not
-    do).  A mask covering <= `min_area` of the grid is dropped."""
-    graph = affinity(features, tau, eps)
+    do).  A mask covering <= `min_area` of the grid is dropped.  `merged`:
+    the cuts run on the merged graph (Graph)."""
+    graph = Graph(features, tau, eps, merged)
     remaining = np.arange(len(features))
     cuts: list[Cut] = []
     for _ in range(max_objects):
-        if len(remaining) < 3:
+        if len(remaining) < 3 or (merged and len(np.unique(graph.token[remaining])) < 3):
             break
-        x, value = fiedler(graph[np.ix_(remaining, remaining)])
+        x, value = graph.fiedler(remaining)
         mask = foreground(x, grid, remaining, corner_rule=max_objects > 1)
         remaining = remaining[~mask.reshape(-1)[remaining]]
         if mask.mean() <= min_area:
@@ -133,9 +165,10 @@ def maskcut(
     return cuts
 
 
-def tokencut(features: np.ndarray, grid: tuple[int, int], tau: float, eps: float) -> Cut:
-    """TokenCut: the single cut of the full graph, the seed's side and component."""
-    x, value = second_eigenvector(features, tau, eps)
+def tokencut(features: np.ndarray, grid: tuple[int, int], tau: float, eps: float, merged: bool = False) -> Cut:
+    """TokenCut: the single cut of the full graph, the seed's side and component
+    (`merged`: on the merged graph, Graph)."""
+    x, value = Graph(features, tau, eps, merged).fiedler(np.arange(len(features)))
     return Cut(patch_mask=foreground(x, grid, np.arange(len(x)), corner_rule=False), eigenvalue=value)
 
 
@@ -175,8 +208,8 @@ def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[C
     """The cuts `cfg` (a Discover section) asks for, on one image's N x C patch features."""
     interruption_point("cut")  # a stopped run (Ctrl-C, a cancel) ends here, not at the end of its batch
     if cfg.method == "tokencut":
-        return [tokencut(features, grid, cfg.tau, cfg.eps)]
-    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area)
+        return [tokencut(features, grid, cfg.tau, cfg.eps, cfg.on_merged)]
+    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area, cfg.on_merged)
 
 
 VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;

@@ -112,3 +112,32 @@ def test_an_arpack_failure_falls_back_to_the_dense_cut(monkeypatch):
     x, dense_value = discover.fiedler(graph)
     assert dense_value == pytest.approx(value, abs=1e-4)
     assert abs(np.dot(x, expected) / np.linalg.norm(x) / np.linalg.norm(expected)) > 0.99
+
+
+def merged_like(feats: np.ndarray, rng, groups: int) -> np.ndarray:
+    """Features as Token Merging maps them back to the grid: patches fall into
+    `groups` tokens (spanning patches of one region, not always adjacent) and
+    take their token's mean features."""
+    out = feats.copy()
+    order = np.argsort(feats.argmax(1) * 10 + rng.random(len(feats)))  # regions stay apart
+    for members in np.array_split(order, groups):
+        out[members] = feats[members].mean(0)
+    return out
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.3])
+def test_a_cut_on_the_merged_graph_is_the_cut_on_the_patches(noise):
+    """discover.on_merged: the solve on T' weighted nodes gives the patch graph's
+    own cut (same masks, same eigenvalue to 1e-5) from P / T' times fewer nodes."""
+    rng = np.random.default_rng(7)
+    labels = np.zeros((16, 16), dtype=int)
+    labels[1:6, 1:6], labels[2:5, 10:15], labels[9:14, 4:10] = 1, 2, 3
+    feats = merged_like((np.eye(8)[labels.reshape(-1)] + rng.normal(0, noise, (256, 8))).astype(np.float32), rng, 64)
+    assert len(np.unique(feats, axis=0)) == 64
+    one, merged = tokencut(feats, (16, 16), 0.2, 1e-5), tokencut(feats, (16, 16), 0.2, 1e-5, merged=True)
+    assert np.array_equal(one.patch_mask, merged.patch_mask) and abs(one.eigenvalue - merged.eigenvalue) < 1e-5
+    plain = maskcut(feats, (16, 16), 0.2, 1e-5, max_objects=3)
+    cut = maskcut(feats, (16, 16), 0.2, 1e-5, max_objects=3, merged=True)
+    assert len(plain) == len(cut) >= 2
+    for a, b in zip(plain, cut):
+        assert np.array_equal(a.patch_mask, b.patch_mask) and abs(a.eigenvalue - b.eigenvalue) < 1e-5

@@ -272,13 +272,16 @@ def test_mirage_train_retrains_a_frozen_model_and_records_it(project):
 
 
 @pytest.mark.slow
-def test_a_concepts_patch_backbone_runs_through_and_back_without_recomputing(done, project):
+def test_a_concepts_patch_backbone_and_merged_tokens_run_through_and_back_without_recomputing(done, project):
     """features.patch_backbone: concepts (the matched units of stage concepts'
-    pairs) through discovery and evaluate; back to the default, features and
-    discover restore their items (nothing computed), train_detector and
-    evaluate come from DVC's run-cache: every output byte-identical to before."""
+    pairs), with Token Merging in the encoder (features.tome_r) and cuts on the
+    merged graph (discover.on_merged), through discovery and evaluate; back to
+    the defaults, features and discover restore their items (nothing
+    computed), train_detector and evaluate come from DVC's run-cache: every
+    output byte-identical to before."""
     default = load_params(project / "params.yaml").features.patch_backbone
-    ran = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": "concepts"}) if r.ran}
+    there = {"features.patch_backbone": "concepts", "features.tome_r": 2, "discover.on_merged": True}
+    ran = {r.name: r for r in pipeline.run(project, there) if r.ran}
     assert list(ran) == ["features", "curate", "discover", "train_detector", "evaluate"]
     assert ran["features"].result["computed"] == 24
     trained = [p for p in pq.read_table(project / "data/concepts/pairs.parquet").to_pylist() if p["condition"] == "trained"]
@@ -286,7 +289,8 @@ def test_a_concepts_patch_backbone_runs_through_and_back_without_recomputing(don
     assert table_metadata(project / "data/features")["grid"] == f"8,8,{channels}"  # concepts.grid, one channel a unit
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert metrics["discovery"]["backbone"] == "concepts" and 0.0 < metrics["discovery"]["corloc"] <= 1.0
-    back = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": default}) if r.ran}
+    back = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": default, "features.tome_r": 0,
+                                                      "discover.on_merged": False}) if r.ran}
     assert back["features"].result["computed"] == 0 and back["discover"].result["computed"] == 0
     assert back["train_detector"].restored and back["evaluate"].restored
     for name in ("metrics/evaluate.json", "data/discovery.coco.json"):

@@ -214,6 +214,12 @@ class Discover(Section):
     # imported_method is in the keys of imported items only
     LAYOUT = frozenset({"shard_rows", "sources", "imported_method"})
 
+    def digest(self) -> str:
+        """As Section's; on_merged left out when off, so items made before it existed keep their keys."""
+        exclude = set(self.RUNTIME | self.LAYOUT) | (set() if self.on_merged else {"on_merged"})
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
     sources: tuple[Source, ...] = Field(default=("generated", "imported"), min_length=1)  # images to discover in
@@ -223,6 +229,9 @@ class Discover(Section):
     eps: float = Field(gt=0)
     max_objects: int = Field(default=3, ge=1)
     min_area: float = Field(default=0.01, ge=0, lt=1)
+    # cut the merged graph: patches with identical features (features.tome_r's merged
+    # tokens, mapped back to the grid) are one node weighing as many (the same cut, fewer nodes)
+    on_merged: bool = False
     shard_rows: int = Field(default=4096, gt=0)
 
     @field_validator("tau")
