@@ -21,7 +21,8 @@ def generate_flow(cfg: Generate, out: str, runner: Runner = Runner()) -> dict[st
         model_id, size, dtype = facts["model"], facts["size"], facts["dtype"]
         job = GenerateJob(cfg, model_id, size)
         items = plan(cfg.prompt_templates, cfg.classes, cfg.per_prompt, cfg.seed,
-                     (model_id, cfg.steps, cfg.guidance, size, dtype, cfg.batch_size))
+                     (model_id, cfg.steps, cfg.guidance, size, dtype, cfg.batch_size,
+                      *([("tome", cfg.tome_ratio)] if cfg.tome_ratio else [])))
         meta = {"stage": "generate", "model": model_id, "params": cfg.digest(), "device": facts["device"],
                 "dtype": dtype}
         store = ShardStore(out, schema.IMAGES, meta, cfg.shard_rows, pool=pool_dir("generate"),

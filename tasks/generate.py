@@ -71,10 +71,10 @@ class GenerateJob:
         return "generate.batch_size", self.cfg.batch_size
 
     def load_key(self) -> tuple:
-        return ("generate", self.cfg.model, self.cfg.device, self.cfg.dtype)
+        return ("generate", self.cfg.model, self.cfg.device, self.cfg.dtype, self.cfg.tome_ratio)
 
     def load(self) -> Generator:
-        return load_generator(self.cfg.model, self.cfg.device, self.cfg.dtype)
+        return load_generator(self.cfg.model, self.cfg.device, self.cfg.dtype, self.cfg.tome_ratio)
 
     def describe(self, gen: Generator) -> dict:
         gen.check_classes(self.cfg.classes)

@@ -18,6 +18,7 @@ CASES = [  # (-S override, what the message must name)
     ("generate.steps=-1", "generate.steps"),
     ("generate.guidance=-1", "generate.guidance"),
     ("generate.batch_size=0", "generate.batch_size"),
+    ("generate.tome_ratio=0.5", "generate.tome_ratio"),  # the toy UNet has no transformer blocks
     ("generate.image_size=4", "generate.image_size"),
     ("generate.dtype=float64", "generate.dtype"),
     ("generate.device=cuda:99", "generate.device"),  # a CUDA device this machine does not have

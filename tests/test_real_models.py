@@ -78,6 +78,21 @@ def test_text_to_image_pipeline_items_do_not_depend_on_their_batch(saved):
     assert not np.array_equal(together[0], together[1])
 
 
+def test_token_merging_patches_a_text_to_image_unet_and_is_refused_for_dit(saved):
+    items = [GenerationItem(f"k{i}", p, p, item_seed(0, p, i)) for i, p in enumerate(["a circle", "a square"])]
+    plain = load_generator(str(saved["sd"]), "cpu").sample(items, steps=2, guidance=0.0, size=64, pad_to=2)
+    gen = load_generator(str(saved["sd"]), "cpu", tome_ratio=0.5)
+    info = gen.pipe.unet._tome_info
+    assert info["args"]["ratio"] == 0.5 and info["args"]["max_downsample"] == 1  # tomesd's default: full-resolution blocks
+    # the tiny UNet's attention starts at half resolution: with it in reach, merging changes the images
+    assert np.array_equal(gen.sample(items, steps=2, guidance=0.0, size=64, pad_to=2), plain)
+    info["args"]["max_downsample"] = 2
+    merged = gen.sample(items, steps=2, guidance=0.0, size=64, pad_to=2)
+    assert merged.shape == plain.shape and not np.array_equal(merged, plain)
+    with pytest.raises(ValueError, match="generate.tome_ratio"):
+        load_generator(str(saved["dit"]), "cpu", tome_ratio=0.5)
+
+
 def test_dit_pipeline_takes_class_names(saved):
     gen = load_generator(str(saved["dit"]), "cpu")
     assert gen.kind == "dit" and gen.native_size() == 16

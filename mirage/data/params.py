@@ -152,7 +152,17 @@ class Generate(Section):
     batch_size: int = Field(gt=0)
     device: Device = "auto"
     dtype: Dtype = "auto"
+    # Token Merging for Stable Diffusion (tomesd): share of the tokens merged in the UNet's
+    # full-resolution transformer blocks; 0 = off.  Needs a UNet with transformer blocks
+    # (SD 1.x / 2.x layouts): refused for the toy UNet and DiT
+    tome_ratio: float = Field(default=0.0, ge=0, lt=1)
     shard_rows: int = Field(default=1024, gt=0)
+
+    def digest(self) -> str:
+        """As Section's; tome_ratio left out at 0 (off), so items made before it existed keep their keys."""
+        exclude = set(self.RUNTIME | self.LAYOUT) | (set() if self.tome_ratio else {"tome_ratio"})
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @field_validator("prompt_templates")
     @classmethod

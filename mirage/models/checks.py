@@ -32,6 +32,9 @@ def check_generator(params: Params, root: Path) -> None:
         raise ParamsError(f"generate.model: {cfg.model!r} is not a diffusers pipeline directory "
                           f"({'no model_index.json in it' if path.is_dir() else 'no such directory'})")
     meta = json.loads(index.read_text())
+    if cfg.tome_ratio and meta.get("_class_name") in ("ToyPipeline", "DiTPipeline"):
+        raise ParamsError(f"generate.tome_ratio: {cfg.tome_ratio}, but {cfg.model} is a {meta['_class_name']} "
+                          "(Token Merging needs a UNet with transformer blocks, SD 1.x/2.x): set it to 0")
     if meta.get("_class_name") == "DiTPipeline" and meta.get("id2label"):
         known = {n.strip() for names in meta["id2label"].values() for n in names.split(",")}
         unknown = [c for c in cfg.classes if c not in known and not c.isdigit()]

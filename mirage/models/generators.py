@@ -98,10 +98,28 @@ def _pipeline_class(spec: str) -> str:
         raise FileNotFoundError(f"generate.model {spec!r}: neither a local directory nor a reachable hub id ({err})") from None
 
 
-def load_generator(spec: str, device: str = "auto", dtype: str = "auto") -> Generator:
-    """A generator by local path (saved with `save_pretrained`) or hub id."""
+def load_generator(spec: str, device: str = "auto", dtype: str = "auto", tome_ratio: float = 0.0) -> Generator:
+    """A generator by local path (saved with `save_pretrained`) or hub id;
+    `tome_ratio` > 0: tomesd's Token Merging patched into its UNet."""
     with MODEL_BUILD:
-        return _load_generator(spec, device, dtype)
+        gen = _load_generator(spec, device, dtype)
+    if tome_ratio:
+        merge_tokens(gen, tome_ratio)
+    return gen
+
+
+def merge_tokens(gen: Generator, ratio: float) -> None:
+    """tomesd (Bolya & Hoffman 2023) on a UNet with transformer blocks: merges
+    `ratio` of the tokens in its full-resolution blocks.  ValueError naming
+    generate.tome_ratio where it cannot apply (the toy UNet, DiT)."""
+    unet = getattr(gen.pipe, "unet", None)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"] if unet is not None else []
+    if gen.kind != "text2image" or not blocks:
+        raise ValueError(f"generate.tome_ratio: Token Merging needs a UNet with transformer blocks (SD 1.x/2.x); "
+                         f"{gen.spec} is a {gen.kind} pipeline{' without them' if unet is not None else ''}: set it to 0")
+    import tomesd
+
+    tomesd.apply_patch(gen.pipe, ratio=ratio)
 
 
 def _load_generator(spec: str, device: str, dtype: str) -> Generator:
