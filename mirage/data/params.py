@@ -36,9 +36,15 @@ class Section(BaseModel):
     def digest(self) -> str:
         """A short hash of the values that shape the section's items (recorded
         in their metadata and item keys, so it leaves out RUNTIME and LAYOUT
-        fields: changing the shard size recomputes nothing)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.RUNTIME | self.LAYOUT)), sort_keys=True)
+        fields: changing the shard size recomputes nothing; and `off()`)."""
+        exclude = set(self.RUNTIME | self.LAYOUT) | self.off()
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def off(self) -> set[str]:
+        """Fields added after items existed, left out of the digest while they
+        are off, so those items keep their keys."""
+        return set()
 
 
 TEXTURES = ("gradient", "noise", "stripes", "checker", "dots")
@@ -158,11 +164,8 @@ class Generate(Section):
     tome_ratio: float = Field(default=0.0, ge=0, lt=1)
     shard_rows: int = Field(default=1024, gt=0)
 
-    def digest(self) -> str:
-        """As Section's; tome_ratio left out at 0 (off), so items made before it existed keep their keys."""
-        exclude = set(self.RUNTIME | self.LAYOUT) | (set() if self.tome_ratio else {"tome_ratio"})
-        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def off(self) -> set[str]:
+        return set() if self.tome_ratio else {"tome_ratio"}
 
     @field_validator("prompt_templates")
     @classmethod
@@ -176,12 +179,8 @@ class Generate(Section):
 class Features(Section):
     RUNTIME = frozenset({"workers"})
 
-    def digest(self) -> str:
-        """As Section's; tome_r left out at 0 (off), so every item made before it
-        existed keeps its key."""
-        exclude = set(self.RUNTIME | self.LAYOUT) | ({"tome_r"} if self.merges_nothing else set())
-        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def off(self) -> set[str]:
+        return {"tome_r"} if self.merges_nothing else set()
 
     @property
     def merges_nothing(self) -> bool:
@@ -224,11 +223,8 @@ class Discover(Section):
     # imported_method is in the keys of imported items only
     LAYOUT = frozenset({"shard_rows", "sources", "imported_method"})
 
-    def digest(self) -> str:
-        """As Section's; on_merged left out when off, so items made before it existed keep their keys."""
-        exclude = set(self.RUNTIME | self.LAYOUT) | (set() if self.on_merged else {"on_merged"})
-        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def off(self) -> set[str]:
+        return set() if self.on_merged else {"on_merged"}
 
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
