@@ -126,6 +126,10 @@ class Graph:
             self.token = None
         self.graph = affinity(features, tau, eps)
 
+    def nodes(self, patches: np.ndarray) -> int:
+        """How many nodes the graph on `patches` has (merged: their distinct tokens)."""
+        return len(patches) if self.token is None else len(np.unique(self.token[patches]))
+
     def fiedler(self, nodes: np.ndarray) -> tuple[np.ndarray, float]:
         """The Fiedler vector on patches `nodes` (a value per patch) and its eigenvalue."""
         if self.token is None:
@@ -154,7 +158,7 @@ def maskcut(
     remaining = np.arange(len(features))
     cuts: list[Cut] = []
     for _ in range(max_objects):
-        if len(remaining) < 3 or (merged and len(np.unique(graph.token[remaining])) < 3):
+        if graph.nodes(remaining) < 3:
             break
         x, value = graph.fiedler(remaining)
         mask = foreground(x, grid, remaining, corner_rule=max_objects > 1)

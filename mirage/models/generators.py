@@ -113,8 +113,8 @@ def merge_tokens(gen: Generator, ratio: float) -> None:
     `ratio` of the tokens in its full-resolution blocks.  ValueError naming
     generate.tome_ratio where it cannot apply (the toy UNet, DiT)."""
     unet = getattr(gen.pipe, "unet", None)
-    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"] if unet is not None else []
-    if gen.kind != "text2image" or not blocks:
+    has_blocks = unet is not None and any(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    if gen.kind != "text2image" or not has_blocks:
         raise ValueError(f"generate.tome_ratio: Token Merging needs a UNet with transformer blocks (SD 1.x/2.x); "
                          f"{gen.spec} is a {gen.kind} pipeline{' without them' if unet is not None else ''}: set it to 0")
     import tomesd
