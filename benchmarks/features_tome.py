@@ -17,8 +17,10 @@
    objects, as benchmarks/ncut_speed.py makes them), merged by ToMe's own
    matching down to a quarter of the nodes: images/s of the cut on the
    unmerged patches, on the merged tokens mapped back to the grid, and on
-   the merged graph (discover.on_merged), with the masks' IoU to the
-   unmerged cut and between the two merged ones.
+   the merged graph (discover.on_merged), each with discover.solver scipy
+   (one image at a time) and torch (the batch's images solved together, on
+   the GPU when there is one), with the masks' IoU to the unmerged cut and
+   between the two merged ones.
 
     .venv/bin/python benchmarks/features_tome.py --n 64 --repeats 3
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import project_params
+from _common import ROOT, project_params
 
 from mirage.data.images import decode_png
 from mirage.data.params import Split
@@ -144,18 +146,28 @@ def merged_to(feats: np.ndarray, tokens: int, rounds: int = 8) -> np.ndarray:
 
 
 def cuts_at_scale(args) -> None:
-    from tasks.discover import maskcut
+    from mirage.data.params import load
+    from mirage.models.devices import resolve_device
+    from tasks.discover import discover_images
 
     rng = np.random.default_rng(0)
     side = int(round(np.sqrt(args.nodes)))
     feats = [objects_features(side, 768, rng) for _ in range(args.cut_images)]
     merged = [merged_to(f, args.nodes // 4) for f in feats]
-    runs = {"unmerged patches": (feats, False), "merged, mapped back": (merged, False),
-            "merged graph (on_merged)": (merged, True)}
+    device = resolve_device(args.device)
+    cfg = load(ROOT / "params.yaml").discover.model_copy(update={"method": "maskcut", "max_objects": 3,
+                                                                 "tau": args.tau_scale, "eps": 1e-5})
+    runs = {"unmerged patches": (feats, False, "scipy"), "unmerged, solver torch": (feats, False, "torch"),
+            "merged, mapped back": (merged, False, "scipy"), "merged graph (on_merged)": (merged, True, "scipy"),
+            "merged graph, solver torch": (merged, True, "torch")}
     masks, rates = {}, {}
-    for name, (fs, on_merged) in runs.items():
+    for name, (fs, on_merged, solver) in runs.items():
+        run_cfg = cfg.model_copy(update={"on_merged": on_merged, "solver": solver})
+        discover_images(fs[:1], (side, side), run_cfg, device)  # first call (library set-up), untimed
         start = time.perf_counter()
-        masks[name] = [maskcut(f, (side, side), args.tau_scale, 1e-5, 3, merged=on_merged) for f in fs]
+        masks[name] = discover_images(fs, (side, side), run_cfg, device)  # the images of one batch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates[name] = len(fs) / (time.perf_counter() - start)
 
     def iou(a, b) -> float:  # the union of each image's masks
@@ -163,13 +175,13 @@ def cuts_at_scale(args) -> None:
         ub = [np.any([c.patch_mask for c in cuts], 0) if cuts else np.zeros((side, side), bool) for cuts in b]
         return float(np.mean([(x & y).sum() / max((x | y).sum(), 1) for x, y in zip(ua, ub)]))
 
-    print(f"\nMaskCut, 3 cuts, {side * side} patches x 768 ({args.cut_images} synthetic images of 3 objects, "
-          f"tau {args.tau_scale}), merged to {args.nodes // 4} tokens")
-    print(f"{'cut on':<28}{'img/s':>8}{'x unmerged':>12}{'IoU to unmerged':>17}{'masks found':>13}")
+    print(f"\nMaskCut, 3 cuts, {side * side} patches x 768 ({args.cut_images} synthetic images of 3 objects in one "
+          f"batch, tau {args.tau_scale}), merged to {args.nodes // 4} tokens; solver torch on {device.type}")
+    print(f"{'cut on':<30}{'img/s':>8}{'x unmerged':>12}{'IoU to unmerged':>17}{'masks found':>13}")
     first = next(iter(runs))
     for name in runs:
         found = sum(len(c) for c in masks[name])
-        print(f"{name:<28}{rates[name]:>8.2f}{rates[name] / rates[first]:>12.2f}{iou(masks[name], masks[first]):>17.3f}"
+        print(f"{name:<30}{rates[name]:>8.2f}{rates[name] / rates[first]:>12.2f}{iou(masks[name], masks[first]):>17.3f}"
               f"{found:>13}")
     print(f"IoU, merged graph vs merged mapped back: {iou(masks['merged graph (on_merged)'], masks['merged, mapped back']):.4f}")
 
@@ -188,7 +200,8 @@ def main() -> None:
     p.add_argument("--generated", default="data/generated")
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument("--nodes", type=int, default=3600)
-    p.add_argument("--cut-images", type=int, default=4)
+    p.add_argument("--cut-images", type=int, default=8, help="images of one discover batch")
+    p.add_argument("--device", default="auto", help="solver torch's device (auto: cuda when there is one)")
     p.add_argument("--tau-scale", type=float, default=0.2)
     p.add_argument("--parts", default="throughput,toy,cuts")
     args = p.parse_args()

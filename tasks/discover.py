@@ -82,6 +82,134 @@ def _dense_fiedler(graph: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return float(values[-2]), vectors[:, -2], d_inv_sqrt
 
 
+def affinity_torch(features: np.ndarray, tau: float, eps: float, device: torch.device) -> torch.Tensor:
+    """`affinity` computed in torch on `device` (float32, the same thresholding)."""
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+    f = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.where(f @ f.T >= tau, 1.0, eps).to(torch.float32)
+
+
+LANCZOS_STEPS = 10  # Krylov vectors per restart of the batched solver (ARPACK's ncv: 8)
+LANCZOS_RESTARTS = 100
+LANCZOS_TOL = 1e-5  # residual |M u - mu u| of the unit Ritz vector u
+
+
+def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
+    """`fiedler` of several graphs (square float32 tensors on one device, of
+    any sizes) solved together.  Up to DENSE_MAX_NODES nodes: one batched
+    dense eigh (float64), the graphs padded to one B x N x N batch with the
+    padding below every real eigenvalue.  Larger: batched Lanczos, every
+    graph's iteration in step with the others' (B x N vectors, padding zero),
+    on the deflated D^-1/2 A D^-1/2 (its known top pair (1, sqrt(d))
+    projected out, as `fiedler` does).  A graph's matvec reads its own matrix
+    (no padded copy of the big ones); on a GPU the B of them run back to back."""
+    if not graphs:
+        return []
+    device = graphs[0].device
+    sizes = [len(g) for g in graphs]
+    b, n = len(graphs), max(sizes)
+    real = torch.arange(n, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+    d = torch.zeros(b, n, dtype=torch.float64, device=device)
+    for i, g in enumerate(graphs):
+        d[i, : len(g)] = g.sum(1).double()  # float32 sums, as `fiedler` (a float64 reduction: 13x slower on CPU)
+    s = torch.where(real, d.clamp_min(1e-300).rsqrt(), 0.0)
+    if n <= DENSE_MAX_NODES:
+        normalized = torch.zeros(b, n, n, dtype=torch.float64, device=device)
+        for i, g in enumerate(graphs):
+            normalized[i, : len(g), : len(g)] = g
+        normalized *= s[:, :, None] * s[:, None, :]
+        normalized.diagonal(dim1=1, dim2=2).masked_fill_(~real, -2.0)  # padding: below every real eigenvalue
+        values, vectors = torch.linalg.eigh(normalized)
+        mu, v = values[:, -2], vectors[:, :, -2]
+    else:
+        mu, v = _lanczos_second(graphs, s, d, real)
+    x = (v.double() * s).cpu().numpy()
+    out = []
+    for i, size in enumerate(sizes):
+        xi = x[i, :size]
+        if xi[np.argmax(np.abs(xi))] < 0:
+            xi = -xi
+        out.append((xi, float(1.0 - mu[i])))
+    return out
+
+
+def _lanczos_second(graphs: list[torch.Tensor], s: torch.Tensor, d: torch.Tensor,
+                    real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, v) per graph: the largest eigenpair of the deflated normalized
+    matrix, by Lanczos restarted from its Ritz vector until the residual is
+    below LANCZOS_TOL (ARPACK's start: ones, deflated)."""
+    b, n = s.shape
+    s32 = s.float()
+    top = torch.where(real, d.clamp_min(0).sqrt(), 0.0)
+    top = (top / torch.linalg.vector_norm(top, dim=1, keepdim=True)).float()
+    start = real.float()
+    start = start - top * (top * start).sum(1, keepdim=True)
+    flat = torch.linalg.vector_norm(start, dim=1) < 1e-3  # equal degrees: ones is the top vector itself
+    if flat.any():  # a fixed draw instead, the same on every run
+        noise = torch.rand(b, n, generator=torch.Generator().manual_seed(0)).to(s.device) * real
+        start[flat] = (noise - top * (top * noise).sum(1, keepdim=True))[flat]
+    mu = torch.zeros(b, dtype=torch.float64, device=s.device)
+    v = start / torch.linalg.vector_norm(start, dim=1, keepdim=True)
+    todo = torch.arange(b, device=s.device)
+    for _ in range(LANCZOS_RESTARTS):
+        rows = todo.tolist()
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:  # the deflated normalized matrix times x, per graph
+            y = torch.zeros_like(x)
+            sx = s32[todo] * x
+            for k, i in enumerate(rows):
+                m = len(graphs[i])
+                y[k, :m] = graphs[i] @ sx[k, :m]
+            t = top[todo]
+            return s32[todo] * y - t * (t * x).sum(1, keepdim=True)
+
+        theta, u, residual = _lanczos(matvec, v[todo], LANCZOS_STEPS)
+        mu[todo], v[todo] = theta, u
+        todo = todo[residual > LANCZOS_TOL]
+        if not len(todo):
+            break
+    return mu, v
+
+
+def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to `steps` Lanczos steps of `matvec` from unit vectors q (k x n, fully
+    reorthogonalized): the largest Ritz value, its unit Ritz vector and its
+    residual norm, per row.  A row whose Krylov space ends early (an
+    invariant subspace: few distinct patches) stops there, with residual 0."""
+    k, n = q.shape
+    basis = q.new_zeros(k, steps, n)
+    alpha = torch.full((k, steps), -4.0, dtype=torch.float64, device=q.device)  # ended: below every eigenvalue
+    beta = torch.zeros(k, steps, dtype=torch.float64, device=q.device)
+    alive = torch.ones(k, dtype=torch.bool, device=q.device)
+    for j in range(steps):
+        basis[:, j] = q
+        w = matvec(q)
+        alpha[:, j] = torch.where(alive, (w * q).sum(1).double(), -4.0)
+        for _ in range(2):  # twice is enough (Kahan): orthogonal to float32 precision
+            w = w - torch.bmm(torch.bmm(basis[:, : j + 1], w[:, :, None]).transpose(1, 2), basis[:, : j + 1])[:, 0]
+        norm = torch.linalg.vector_norm(w, dim=1)
+        alive = alive & (norm > 1e-5)
+        beta[:, j] = torch.where(alive, norm.double(), 0.0)
+        if j % 2 and j + 1 < steps:  # every second step: stop once every row has converged
+            if bool((_ritz(alpha[:, : j + 1], beta[:, : j + 1])[2] <= LANCZOS_TOL).all()):
+                return _ritz(alpha[:, : j + 1], beta[:, : j + 1], basis[:, : j + 1])
+        q = torch.where(alive[:, None], w / norm.clamp_min(1e-30)[:, None], 0.0)
+    return _ritz(alpha, beta, basis)
+
+
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, basis: torch.Tensor | None = None):
+    """The largest Ritz value of the Lanczos tridiagonal (alpha, beta), its
+    unit Ritz vector (with `basis`) and its residual norm |beta_last y_last|."""
+    t = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
+    values, vectors = torch.linalg.eigh(t)
+    y = vectors[:, :, -1]
+    residual = (beta[:, -1] * y[:, -1]).abs()
+    if basis is None:
+        return values[:, -1], None, residual
+    u = torch.bmm(y.float()[:, None, :], basis)[:, 0]
+    return values[:, -1], u / torch.linalg.vector_norm(u, dim=1, keepdim=True), residual
+
+
 def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, float]:
     """features: N x C -> (Fiedler vector, eigenvalue) of TokenCut's graph."""
     return fiedler(affinity(features, tau, eps))
@@ -114,9 +242,12 @@ class Graph:
     instead of P: W'_ab = s_a s_b w(a, b).  Its eigenproblem is the patch
     graph's restricted to vectors equal on each merged token (which the patch
     graph's Fiedler vector is, identical nodes being interchangeable), so the
-    cut is the same and its vector is mapped back to the patches."""
+    cut is the same and its vector is mapped back to the patches.
+    `device`: the graph is a torch tensor there (the batched solver,
+    `fiedler_batch`); None: a NumPy array (`fiedler`, one image at a time)."""
 
-    def __init__(self, features: np.ndarray, tau: float, eps: float, merged: bool = False):
+    def __init__(self, features: np.ndarray, tau: float, eps: float, merged: bool = False,
+                 device: torch.device | None = None):
         if merged:  # rows compared as raw bytes: 20x faster than np.unique(axis=0) at 3600 x 768
             f = np.ascontiguousarray(features)
             rows = f.view(np.dtype((np.void, f.dtype.itemsize * f.shape[1]))).ravel()
@@ -124,20 +255,75 @@ class Graph:
             features, self.token = f[first], self.token.reshape(-1)
         else:
             self.token = None
-        self.graph = affinity(features, tau, eps)
+        self.graph = affinity(features, tau, eps) if device is None else affinity_torch(features, tau, eps, device)
 
     def nodes(self, patches: np.ndarray) -> int:
         """How many nodes the graph on `patches` has (merged: their distinct tokens)."""
         return len(patches) if self.token is None else len(np.unique(self.token[patches]))
 
-    def fiedler(self, nodes: np.ndarray) -> tuple[np.ndarray, float]:
-        """The Fiedler vector on patches `nodes` (a value per patch) and its eigenvalue."""
+    def system(self, nodes: np.ndarray) -> tuple[np.ndarray | torch.Tensor, np.ndarray | None]:
+        """The graph whose Fiedler vector is the cut of patches `nodes`, and the
+        map from those patches to its nodes (None: one node a patch)."""
         if self.token is None:
-            return fiedler(self.graph if len(nodes) == len(self.graph) else self.graph[np.ix_(nodes, nodes)])
+            return (self.graph if len(nodes) == len(self.graph) else _sub(self.graph, nodes)), None
         tokens, at, sizes = np.unique(self.token[nodes], return_inverse=True, return_counts=True)
         weights = sizes.astype(np.float32)
-        y, value = fiedler(self.graph[np.ix_(tokens, tokens)] * weights[:, None] * weights[None, :])
-        return y[at.reshape(-1)], value
+        if isinstance(self.graph, torch.Tensor):
+            weights = torch.from_numpy(weights).to(self.graph.device)
+        return _sub(self.graph, tokens) * weights[:, None] * weights[None, :], at.reshape(-1)
+
+    def fiedler(self, nodes: np.ndarray) -> tuple[np.ndarray, float]:
+        """The Fiedler vector on patches `nodes` (a value per patch) and its eigenvalue."""
+        graph, at = self.system(nodes)
+        y, value = fiedler(graph)
+        return (y if at is None else y[at]), value
+
+
+def _sub(graph: np.ndarray | torch.Tensor, nodes: np.ndarray) -> np.ndarray | torch.Tensor:
+    if isinstance(graph, torch.Tensor):
+        index = torch.from_numpy(nodes).to(graph.device)
+        return graph.index_select(0, index).index_select(1, index)
+    return graph[np.ix_(nodes, nodes)]
+
+
+def solve_each(systems: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """The scipy solver: one image's graph at a time (`fiedler`), a stop point before each."""
+    out = []
+    for graph in systems:
+        interruption_point("cut")  # a stopped run (Ctrl-C, a cancel) ends here, not at the end of its batch
+        out.append(fiedler(graph))
+    return out
+
+
+def solve_together(systems: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
+    """The torch solver: every image's graph of this round in one batched solve."""
+    interruption_point("cut")
+    return fiedler_batch(systems)
+
+
+def cut_rounds(graphs: list[Graph], grid: tuple[int, int], rounds: int, min_area: float, corner_rule: bool,
+               solve, min_nodes: int = 3) -> list[list[Cut]]:
+    """Cuts of several images' graphs, round by round: in each, every image
+    still cutting is solved (`solve`: `solve_each` or `solve_together`), its
+    found patches leave its graph, and a mask covering <= `min_area` of the
+    grid is dropped (a negative `min_area` keeps every cut).  An image stops
+    when fewer than `min_nodes` nodes are left.  Each image's cuts are what it alone
+    would get: the images only share the solver's calls."""
+    remaining = [np.arange(grid[0] * grid[1]) for _ in graphs]
+    cuts: list[list[Cut]] = [[] for _ in graphs]
+    active = list(range(len(graphs)))
+    for _ in range(rounds):
+        active = [i for i in active if graphs[i].nodes(remaining[i]) >= min_nodes]
+        if not active:
+            break
+        systems = [graphs[i].system(remaining[i]) for i in active]
+        for i, (_, at), (y, value) in zip(active, systems, solve([g for g, _ in systems])):
+            x = y if at is None else y[at]
+            mask = foreground(x, grid, remaining[i], corner_rule)
+            remaining[i] = remaining[i][~mask.reshape(-1)[remaining[i]]]
+            if mask.mean() > min_area:
+                cuts[i].append(Cut(patch_mask=mask, eigenvalue=value))
+    return cuts
 
 
 def maskcut(
@@ -155,18 +341,7 @@ def maskcut(
     do).  A mask covering <= `min_area` of the grid is dropped.  `merged`:
     the cuts run on the merged graph (Graph)."""
     graph = Graph(features, tau, eps, merged)
-    remaining = np.arange(len(features))
-    cuts: list[Cut] = []
-    for _ in range(max_objects):
-        if graph.nodes(remaining) < 3:
-            break
-        x, value = graph.fiedler(remaining)
-        mask = foreground(x, grid, remaining, corner_rule=max_objects > 1)
-        remaining = remaining[~mask.reshape(-1)[remaining]]
-        if mask.mean() <= min_area:
-            continue
-        cuts.append(Cut(patch_mask=mask, eigenvalue=value))
-    return cuts
+    return cut_rounds([graph], grid, max_objects, min_area, max_objects > 1, solve_each)[0]
 
 
 def tokencut(features: np.ndarray, grid: tuple[int, int], tau: float, eps: float, merged: bool = False) -> Cut:
@@ -208,12 +383,16 @@ def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], pr
     return probs.argmax(1), probs.max(1)
 
 
-def discover_objects(features: np.ndarray, grid: tuple[int, int], cfg) -> list[Cut]:
-    """The cuts `cfg` (a Discover section) asks for, on one image's N x C patch features."""
-    interruption_point("cut")  # a stopped run (Ctrl-C, a cancel) ends here, not at the end of its batch
-    if cfg.method == "tokencut":
-        return [tokencut(features, grid, cfg.tau, cfg.eps, cfg.on_merged)]
-    return maskcut(features, grid, cfg.tau, cfg.eps, cfg.max_objects, cfg.min_area, cfg.on_merged)
+def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, device: torch.device) -> list[list[Cut]]:
+    """The cuts `cfg` (a Discover section) asks for, on each image's N x C
+    patch features; `cfg.solver` torch solves the images' graphs together on
+    `device`, scipy one image at a time (the same cuts: IoU >= 0.99)."""
+    on = device if cfg.solver == "torch" else None
+    graphs = [Graph(f, cfg.tau, cfg.eps, cfg.on_merged, on) for f in features]
+    solve = solve_together if cfg.solver == "torch" else solve_each
+    if cfg.method == "tokencut":  # one cut of the whole graph, every cut kept
+        return cut_rounds(graphs, grid, 1, -1.0, False, solve, min_nodes=1)
+    return cut_rounds(graphs, grid, cfg.max_objects, cfg.min_area, cfg.max_objects > 1, solve)
 
 
 VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
@@ -233,7 +412,7 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
         except Exception as err:  # noqa: BLE001 - PIL raises several types
             errors[r["key"]] = (r["id"], f"cannot be decoded: {type(err).__name__}: {err}")
     found = []  # (row index, box, mask, score)
-    cuts_cfg = {m: cfg.model_copy(update={"method": m}) for m in {r.get("method", cfg.method) for r in rows}}
+    todo: dict[str, list[tuple[int, np.ndarray]]] = {}  # method -> (row index, patch features)
     for i, r in enumerate(rows):
         if r["key"] in errors:
             continue
@@ -241,16 +420,21 @@ def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], 
         if not np.isfinite(feats).all():
             errors[r["key"]] = (r["id"], "non-finite patch features (NaN or inf)")
             continue
-        h, w = decoded[r["key"]].shape[:2]
-        kept = 0
-        for cut in discover_objects(feats, (gh, gw), cuts_cfg[r.get("method", cfg.method)]):
-            mask, box = cut_to_object(cut, h, w)
-            if box[2] <= 0 or box[3] <= 0 or mask.all():  # degenerate: nothing, or the whole image
-                continue
-            found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
-            kept += 1
-        if not kept:
-            errors[r["key"]] = (r["id"], "no object found (every cut empty or the whole image)")
+        todo.setdefault(r.get("method", cfg.method), []).append((i, feats))
+    for method, items in todo.items():
+        cuts = discover_images([f for _, f in items], (gh, gw), cfg.model_copy(update={"method": method}), encoder.device)
+        for (i, _), image_cuts in zip(items, cuts):
+            h, w = decoded[rows[i]["key"]].shape[:2]
+            kept = 0
+            for cut in image_cuts:
+                mask, box = cut_to_object(cut, h, w)
+                if box[2] <= 0 or box[3] <= 0 or mask.all():  # degenerate: nothing, or the whole image
+                    continue
+                found.append((i, box, encode_mask(mask), 1.0 - cut.eigenvalue))
+                kept += 1
+            if not kept:
+                errors[rows[i]["key"]] = (rows[i]["id"], "no object found (every cut empty or the whole image)")
+    found.sort(key=lambda f: f[0])  # in row order, whatever the methods' order
     prompts = [cfg.prompt_template.format(name) for name in cfg.classes]
     if found and encoder.has_text:
         images = [decoded[rows[f[0]]["key"]] for f in found]  # own sizes: crops are resized

@@ -127,29 +127,31 @@ def prompt_alignment(image_emb: np.ndarray, text_emb: np.ndarray, prompted: list
     return float(np.mean((image_emb @ text_emb.T).argmax(1) == np.asarray(prompted)))
 
 
-def discovered_boxes(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfg) -> list[dict[str, np.ndarray]]:
+def discovered_boxes(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfg,
+                     device: torch.device | None = None) -> list[dict[str, np.ndarray]]:
     """Objects discovered in a batch: `images` uint8 B x S x S x 3 at the
     backbone's input size, `sizes` each image's own (height, width), `cfg` a
-    Discover section.  Per image, boxes (x, y, w, h) in its own pixels, best
-    cut first, with their scores (1 - the cut's eigenvalue)."""
-    return discovered_by_methods(backbone, images, sizes, [cfg])[0]
+    Discover section (`device`: where its torch solver runs).  Per image,
+    boxes (x, y, w, h) in its own pixels, best cut first, with their scores
+    (1 - the cut's eigenvalue)."""
+    return discovered_by_methods(backbone, images, sizes, [cfg], device)[0]
 
 
-def discovered_by_methods(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfgs: list) -> list[list[dict]]:
+def discovered_by_methods(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfgs: list,
+                          device: torch.device | None = None) -> list[list[dict]]:
     """`discovered_boxes` for several Discover sections (TokenCut and MaskCut)
     on one computation of the patch features: one list of images per section."""
-    from tasks.discover import cut_to_object, discover_objects
+    from tasks.discover import cut_to_object, discover_images
 
     patches, grid = backbone.patches(images)
-    out: list[list[dict]] = [[] for _ in cfgs]
-    for feats, (h, w) in zip(patches, sizes):
-        for found, cfg in zip(out, cfgs):
-            cuts = discover_objects(feats, grid, cfg)
-            found.append({"boxes": np.array([cut_to_object(c, h, w)[1] for c in cuts], dtype=np.float64).reshape(-1, 4),
-                          "scores": np.array([1.0 - c.eigenvalue for c in cuts])})
+    out: list[list[dict]] = []
+    for cfg in cfgs:
+        cuts = discover_images(list(patches), grid, cfg, device or torch.device("cpu"))
+        out.append([{"boxes": np.array([cut_to_object(c, h, w)[1] for c in image_cuts],
+                                       dtype=np.float64).reshape(-1, 4),
+                     "scores": np.array([1.0 - c.eigenvalue for c in image_cuts])}
+                    for image_cuts, (h, w) in zip(cuts, sizes)])
     return out
-
-
 def top_box(found: dict[str, np.ndarray]) -> list[float]:
     """The best discovered box, or an empty one (a CorLoc miss)."""
     return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
@@ -221,10 +223,11 @@ class SplitDiscoveryJob:
 
     def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]] | list[list[dict]]:
         sizes = [images.shape[1:3]] * len(images)
+        device = resolve_device(self.fcfg.device)
         if not self.methods:
-            return discovered_boxes(backbone, images, sizes, self.dcfg)
+            return discovered_boxes(backbone, images, sizes, self.dcfg, device)
         cfgs = [self.dcfg.model_copy(update={"method": m}) for m in self.methods]
-        return discovered_by_methods(backbone, images, sizes, cfgs)
+        return discovered_by_methods(backbone, images, sizes, cfgs, device)
 
 
 def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128):

@@ -38,6 +38,7 @@ CASES = [  # (-S override, what the message must name)
     ("features.batch_size=0", "features.batch_size"),
     ("features.workers=-1", "features"),
     ("features.tome_r=-1", "tome_r"),
+    ("discover.solver=arpack", "discover.solver"),
     # a CUDA device where there is none (on a GPU machine `cuda` is a fine value: then not a bad one)
     *([] if torch.cuda.is_available() else [("features.device=cuda", "features.device")]),
     ("discover.tau=2", "discover.tau"),

@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from mirage.data.images import decode_mask, encode_mask
-from tasks.discover import cut_to_object, maskcut, second_eigenvector, tokencut
+from tasks.discover import affinity, cut_to_object, maskcut, second_eigenvector, tokencut
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def block_features(grid, fg, rng, noise=0.05, dim=16):
@@ -141,3 +145,79 @@ def test_a_cut_on_the_merged_graph_is_the_cut_on_the_patches(noise):
     assert len(plain) == len(cut) >= 2
     for a, b in zip(plain, cut):
         assert np.array_equal(a.patch_mask, b.patch_mask) and abs(a.eigenvalue - b.eigenvalue) < 1e-5
+
+
+def _iou(x: np.ndarray, y: np.ndarray) -> float:
+    a, b = x > x.mean(), y > y.mean()
+    return (a & b).sum() / (a | b).sum()
+
+
+@pytest.mark.parametrize("sizes", [[60, 257, 400], [401, 900, 523]], ids=["dense", "lanczos"])
+def test_the_batched_solver_gives_each_graph_its_own_cut(sizes):
+    """discover.solver torch: graphs of different sizes solved together (padded)
+    give each one's own Fiedler vector: the sign, the bipartition and the
+    eigenvalue of the one-at-a-time solve (`fiedler`)."""
+    import torch
+
+    from tasks.discover import fiedler, fiedler_batch
+
+    rng = np.random.default_rng(3)
+    graphs = []
+    for n in sizes:
+        fg = rng.random(n) < 0.3
+        feats = np.where(fg[:, None], 1.0, -1.0) * rng.normal(size=(1, 16)) + rng.normal(0, 1.5, (n, 16))
+        graphs.append(affinity(feats, 0.1, 1e-5))
+    together = fiedler_batch([torch.from_numpy(g) for g in graphs])
+    for graph, (x, value) in zip(graphs, together):
+        expected, expected_value = fiedler(graph)
+        assert len(x) == len(graph) and value == pytest.approx(expected_value, abs=1e-4)
+        assert _iou(x, expected) >= 0.99 and np.dot(x, expected) > 0
+
+
+def test_the_batched_solver_on_equal_degrees_and_on_few_distinct_patches():
+    """Two equal blocks (every degree equal: ARPACK's start vector is zero, the
+    batched solve starts from a fixed draw) and a graph of 5 distinct rows
+    among 600 (its Krylov space ends after a few steps) in one batch."""
+    import torch
+
+    from tasks.discover import fiedler, fiedler_batch
+
+    n = 500
+    blocks = np.full((n, n), 1e-5, dtype=np.float32)
+    blocks[: n // 2, : n // 2] = blocks[n // 2 :, n // 2 :] = 1.0
+    rng = np.random.default_rng(0)
+    rows = np.eye(8)[[0, 0, 1, 1, 1]] + rng.normal(0, 0.1, (5, 8))  # 2 objects of 2 and 3 distinct rows
+    few = affinity(rows[rng.integers(0, 5, 600)], 0.5, 1e-5)
+    (x, value), (y, few_value) = fiedler_batch([torch.from_numpy(blocks), torch.from_numpy(few)])
+    assert np.array_equal(x > x.mean(), np.arange(n) < n // 2) or np.array_equal(x > x.mean(), np.arange(n) >= n // 2)
+    assert value == pytest.approx(fiedler(blocks)[1], abs=1e-4)
+    expected, expected_value = fiedler(few)
+    assert few_value == pytest.approx(expected_value, abs=1e-4) and _iou(y, expected) >= 0.99
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_the_torch_solver_finds_the_scipy_solvers_objects(merged):
+    """discover_images with discover.solver torch (every image of the batch in
+    one solve per round) finds the masks of the scipy solver, image by image,
+    for TokenCut and MaskCut, on the patches and on the merged graph."""
+    import torch
+
+    from mirage.data.params import load
+    from tasks.discover import discover_images
+
+    base = load(ROOT / "params.yaml").discover.model_copy(update={"tau": 0.2, "on_merged": merged})
+    rng = np.random.default_rng(11)
+    images = []
+    for k in range(4):  # three objects each, at other places (576 patches: Lanczos; merged, 150 tokens: dense)
+        labels = np.zeros((24, 24), dtype=int)
+        labels[1 + k : 8 + k, 2:9], labels[3:9, 12 + k : 20], labels[14:21, 5 + k : 13 + k] = 1, 2, 3
+        feats = (np.eye(8)[labels.reshape(-1)] + rng.normal(0, 0.2, (576, 8))).astype(np.float32)
+        images.append(merged_like(feats, rng, 150) if merged else feats)
+    for method in ("tokencut", "maskcut"):
+        cfg = base.model_copy(update={"method": method})
+        one = discover_images(images, (24, 24), cfg, torch.device("cpu"))
+        together = discover_images(images, (24, 24), cfg.model_copy(update={"solver": "torch"}), torch.device("cpu"))
+        assert [len(c) for c in one] == [len(c) for c in together]
+        assert all(len(c) >= (2 if method == "maskcut" else 1) for c in one)
+        for a, b in zip(sum(one, []), sum(together, [])):
+            assert np.array_equal(a.patch_mask, b.patch_mask) and abs(a.eigenvalue - b.eigenvalue) < 1e-4

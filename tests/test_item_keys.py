@@ -49,6 +49,7 @@ CASES = [
     ("features.tome_r", [0, 0.5], {}),  # a ramp from 0 to 0 merges nothing: the keys it always had
     ("discover.tau", 0.5, {"discover": IMAGES}),
     ("discover.on_merged", True, {"discover": IMAGES}),
+    ("discover.solver", "torch", {"discover": IMAGES}),  # another solver: float bytes may differ
     ("discover.prompt_template", "a photo of a {}", {"discover": IMAGES}),
     ("discover.shard_rows", 3, {}),
 ]

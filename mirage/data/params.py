@@ -183,17 +183,21 @@ class Features(Section):
         return {"tome_r"} if self.merges_nothing else set()
 
     @property
+    def merged_per_block(self) -> int:
+        """tome_r's r (of r or [r, inflection])."""
+        return self.tome_r if isinstance(self.tome_r, int) else self.tome_r[0]
+
+    @property
     def merges_nothing(self) -> bool:
         """tome_r 0 or [0, inflection]: Token Merging off."""
-        return (self.tome_r if isinstance(self.tome_r, int) else self.tome_r[0]) == 0
+        return self.merged_per_block == 0
 
     @model_validator(mode="after")
     def _values(self) -> "Features":
         if isinstance(self.workers, int) and self.workers < 0:
             raise ValueError("workers must be >= 0 or auto")
-        r = self.tome_r if isinstance(self.tome_r, int) else self.tome_r[0]
-        if r < 0:
-            raise ValueError(f"tome_r must be >= 0 (tokens merged per block), not {r}")
+        if self.merged_per_block < 0:
+            raise ValueError(f"tome_r must be >= 0 (tokens merged per block), not {self.merged_per_block}")
         if not isinstance(self.tome_r, int) and not 0 <= self.tome_r[1] <= 1:
             raise ValueError(f"tome_r: the inflection must be in [0, 1], not {self.tome_r[1]}")
         return self
@@ -224,7 +228,7 @@ class Discover(Section):
     LAYOUT = frozenset({"shard_rows", "sources", "imported_method"})
 
     def off(self) -> set[str]:
-        return set() if self.on_merged else {"on_merged"}
+        return {name for name, off in (("on_merged", False), ("solver", "scipy")) if getattr(self, name) == off}
 
     classes: tuple[str, ...] = Field(min_length=2)
     prompt_template: str
@@ -238,6 +242,9 @@ class Discover(Section):
     # cut the merged graph: patches with identical features (features.tome_r's merged
     # tokens, mapped back to the grid) are one node weighing as many (the same cut, fewer nodes)
     on_merged: bool = False
+    # scipy: each image's graph solved alone (ARPACK / dense eigh); torch: the images of a batch
+    # solved together (batched Lanczos / dense eigh, on features.device: the GPU when there is one)
+    solver: Literal["scipy", "torch"] = "scipy"
     shard_rows: int = Field(default=4096, gt=0)
 
     @field_validator("tau")
