@@ -7,9 +7,14 @@ with batched Lanczos in torch (`discover.solver: torch`, a batch of images
 together, on the GPU when there is one).  Same affinity, same bipartition
 rule; this prints each solver's time per graph, their ratios to the dense
 solve (the affinity matrices are built once, for all) and the IoU of their
-bipartitions to the dense one's.
+bipartitions to the dense one's.  With --toy-scenes N: both solvers in the
+discover stage's own path (discover_images, TokenCut and MaskCut) on the
+configured patch backbone's features of N toy test scenes (the project's
+params.yaml and data/toyworld/test): img/s, images whose masks are the same,
+CorLoc of each.
 
     .venv/bin/python benchmarks/ncut_speed.py --nodes 3600 --repeats 5 --batch 8
+    .venv/bin/python benchmarks/ncut_speed.py --repeats 0 --toy-scenes 300
 """
 from __future__ import annotations
 
@@ -46,6 +51,45 @@ def iou(x: np.ndarray, y: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+def toy_scenes(n: int, device: torch.device) -> None:
+    """Both solvers on the toy test scenes' patch features, as the stage cuts them."""
+    from pathlib import Path
+
+    from mirage.data.params import load
+    from mirage.models.encoders import load_encoder
+    from mirage.models.fingerprint import encoder_spec
+    from mirage.models.patch_backbones import load_patch_backbone
+    from tasks.discover import cut_to_object, discover_images
+    from tasks.evaluate import corloc, load_test_split
+
+    root = Path(__file__).resolve().parents[1]
+    p = load(root / "params.yaml")
+    gt = load_test_split(str(root / "data/toyworld/test"), list(p.discover.classes))
+    encoder = load_encoder(encoder_spec(p.features.encoder), device, p.features.dtype)
+    backbone = load_patch_backbone(p.features.patch_backbone, encoder, p.generate.model)
+    images = gt["images"][:n]
+    patches = np.concatenate([backbone.patches(images[i : i + 32])[0] for i in range(0, len(images), 32)])
+    grid = backbone.patches(images[:1])[1]
+    size = images.shape[1:3]
+    print(f"\n{len(images)} toy test scenes, {p.features.patch_backbone} ({grid[0]}x{grid[1]} patches x "
+          f"{patches.shape[2]}), tau {p.discover.tau}, batches of 32 as the stage cuts them")
+    for method in ("tokencut", "maskcut"):
+        found, rates = {}, {}
+        for solver in ("scipy", "torch"):
+            cfg = p.discover.model_copy(update={"method": method, "solver": solver})
+            discover_images(list(patches[:2]), grid, cfg, device)  # first calls, untimed
+            start = time.perf_counter()
+            found[solver] = [c for i in range(0, len(patches), 32)
+                             for c in discover_images(list(patches[i : i + 32]), grid, cfg, device)]
+            rates[solver] = len(patches) / (time.perf_counter() - start)
+        same = sum(len(a) == len(b) and all(np.array_equal(x.patch_mask, y.patch_mask) for x, y in zip(a, b))
+                   for a, b in zip(found["scipy"], found["torch"]))
+        hits = {k: corloc([cut_to_object(c[0], *size)[1] if c else [0.0] * 4 for c in v], gt["boxes"][: len(v)])
+                for k, v in found.items()}
+        print(f"{method:<9} scipy {rates['scipy']:6.1f} img/s  torch {rates['torch']:6.1f} img/s  "
+              f"same masks {same} of {len(patches)}  CorLoc scipy {hits['scipy']:.3f} torch {hits['torch']:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=3600)
@@ -54,8 +98,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="batches of graphs")
     p.add_argument("--batch", type=int, default=8, help="graphs a batch (the torch solver solves them together)")
     p.add_argument("--device", default="auto", help="the torch solver's device (auto: cuda when there is one)")
+    p.add_argument("--toy-scenes", type=int, default=0, help="also both solvers on N toy test scenes' features")
     args = p.parse_args()
     device = resolve_device(args.device)
+    if args.repeats == 0:
+        toy_scenes(args.toy_scenes, device)
+        return
     rng = np.random.default_rng(0)
 
     def graphs() -> list[torch.Tensor]:
@@ -96,6 +144,8 @@ def main() -> None:
     print(f"solver torch (batched Lanczos)            {t * 1000:8.1f} ms a graph  {d / t:6.1f}x dense  "
           f"IoU min {min(ious['torch']):.4f}  ({f / t:.2f}x scipy)")
     print("targets: >= 50x dense, bipartition IoU >= 0.99")
+    if args.toy_scenes:
+        toy_scenes(args.toy_scenes, device)
 
 
 if __name__ == "__main__":
