@@ -304,8 +304,10 @@ def cut_rounds(graphs: list[Graph], grid: tuple[int, int], rounds: int, min_area
     still cutting is solved (`solve`: `solve_each` or `solve_together`), its
     found patches leave its graph, and a mask covering <= `min_area` of the
     grid is dropped (a negative `min_area` keeps every cut).  An image stops
-    when fewer than `min_nodes` nodes are left.  Each image's cuts are what it alone
-    would get: the images only share the solver's calls."""
+    when fewer than `min_nodes` nodes are left.  The images share only the
+    solver's calls: with `solve_each` each image's cuts are what it alone gets;
+    the first round's solve of a graph is kept (Graph.whole) for the next
+    method cut on the same graphs (TokenCut's cut is MaskCut's first)."""
     remaining = [np.arange(grid[0] * grid[1]) for _ in graphs]
     cuts: list[list[Cut]] = [[] for _ in graphs]
     active = list(range(len(graphs)))
@@ -314,12 +316,12 @@ def cut_rounds(graphs: list[Graph], grid: tuple[int, int], rounds: int, min_area
         if not active:
             break
         systems = {i: graphs[i].system(remaining[i]) for i in active}
-        fresh = [i for i in active if not first or graphs[i].whole is None]  # TokenCut's cut is MaskCut's first
+        fresh = [i for i in active if not first or graphs[i].whole is None]
         solved = dict(zip(fresh, solve([systems[i][0] for i in fresh])))
         for i in active:
-            if first:
-                graphs[i].whole = solved.get(i) or graphs[i].whole
-            y, value = solved[i] if i in solved else graphs[i].whole
+            if first and i in solved:
+                graphs[i].whole = solved[i]
+            y, value = graphs[i].whole if first else solved[i]
             at = systems[i][1]
             x = y if at is None else y[at]
             mask = foreground(x, grid, remaining[i], corner_rule)

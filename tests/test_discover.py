@@ -221,3 +221,27 @@ def test_the_torch_solver_finds_the_scipy_solvers_objects(merged):
         assert all(len(c) >= (2 if method == "maskcut" else 1) for c in one)
         for a, b in zip(sum(one, []), sum(together, [])):
             assert np.array_equal(a.patch_mask, b.patch_mask) and abs(a.eigenvalue - b.eigenvalue) < 1e-4
+
+
+def test_methods_sharing_graphs_cut_what_each_cuts_alone():
+    """evaluate cuts TokenCut and MaskCut on the same graphs (built once, the
+    whole-graph solve kept): each method's cuts equal its own fresh run's."""
+    import torch
+
+    from mirage.data.params import load
+    from tasks.discover import cut_graphs, discover_images, graphs_of
+
+    cfg = load(ROOT / "params.yaml").discover.model_copy(update={"tau": 0.2})
+    rng = np.random.default_rng(5)
+    labels = np.zeros((16, 16), dtype=int)
+    labels[1:6, 1:6], labels[9:14, 4:10] = 1, 2
+    images = [(np.eye(8)[labels.reshape(-1)] + rng.normal(0, 0.3, (256, 8))).astype(np.float32) for _ in range(3)]
+    graphs = graphs_of(images, cfg, torch.device("cpu"))
+    for method in ("tokencut", "maskcut"):
+        method_cfg = cfg.model_copy(update={"method": method})
+        shared = cut_graphs(graphs, (16, 16), method_cfg)
+        alone = discover_images(images, (16, 16), method_cfg, torch.device("cpu"))
+        assert [len(c) for c in shared] == [len(c) for c in alone]
+        for a, b in zip(sum(shared, []), sum(alone, [])):
+            assert np.array_equal(a.patch_mask, b.patch_mask) and a.eigenvalue == b.eigenvalue
+    assert all(g.whole is not None for g in graphs)
