@@ -38,6 +38,7 @@ from _common import ROOT, project_params
 from mirage.data.images import decode_png
 from mirage.data.params import Split
 from mirage.data.store import read_table
+from mirage.models.devices import resolve_device
 from mirage.models.encoders import load_encoder
 from mirage.models.patch_backbones import EncoderPatches
 from tasks.toyworld import render_scene
@@ -50,23 +51,31 @@ def scenes(n: int, seed: int, one_object: bool = False, **world) -> tuple[np.nda
     return np.stack([s.image for s in rendered]), [s.objects[0].class_name if s.objects else "" for s in rendered]
 
 
-def throughput(arch: str, images: np.ndarray, rs: list[int], batch: int, repeats: int) -> None:
-    enc = load_encoder(f"random:{arch}:0", torch.device("cpu"))
-    pixels = [enc.prepare(images[i : i + batch]) for i in range(0, len(images), batch)]
+def throughput(arch: str, images: np.ndarray, rs: list[int], batch: int, repeats: int,
+               device: torch.device, dtype: str) -> None:
+    enc = load_encoder(f"random:{arch}:0", device, dtype)  # a GPU: float16 autocast with dtype auto
+    pixels = [enc.preprocess(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     seconds = {r: [] for r in rs}
     emb = {}
     with torch.inference_mode():
         for r in rs:  # warm-up, and the embeddings
-            emb[r] = torch.cat([enc.forward(x, None, r)[0] for x in pixels])
+            emb[r] = torch.cat([enc.forward(x, None, r)[0].float().cpu() for x in pixels])
         for _ in range(repeats):
             for r in rs:
+                sync()
                 start = time.perf_counter()
                 for x in pixels:
                     enc.forward(x, None, r)
+                sync()
                 seconds[r].append(time.perf_counter() - start)
     base = min(seconds[rs[0]])
     print(f"\n{arch} (random weights, {enc.image_size} px, {enc.patch_grid[0] * enc.patch_grid[1]} patches, "
-          f"{len(images)} images, batch {batch}, best of {repeats})")
+          f"{len(images)} images, batch {batch}, best of {repeats}, {device.type} {enc.autocast_dtype or torch.float32})")
     print(f"{'r':>4}{'img/s':>10}{'x r=0':>8}{'cos mean':>10}{'cos min':>10}{'centred mean':>14}{'centred min':>13}")
     centre = emb[rs[0]].mean(0)  # random weights map every image near one direction: the centred cosine
     for r in rs:                 # compares what is left, the part that tells images apart
@@ -147,7 +156,6 @@ def merged_to(feats: np.ndarray, tokens: int, rounds: int = 8) -> np.ndarray:
 
 def cuts_at_scale(args) -> None:
     from mirage.data.params import load
-    from mirage.models.devices import resolve_device
     from tasks.discover import discover_images
 
     rng = np.random.default_rng(0)
@@ -201,7 +209,8 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument("--nodes", type=int, default=3600)
     p.add_argument("--cut-images", type=int, default=8, help="images of one discover batch")
-    p.add_argument("--device", default="auto", help="solver torch's device (auto: cuda when there is one)")
+    p.add_argument("--device", default="cpu", help="throughput and solver torch's device (auto: cuda when there is one)")
+    p.add_argument("--dtype", default="auto", help="throughput on a GPU: auto (float16 autocast) or float32")
     p.add_argument("--tau-scale", type=float, default=0.2)
     p.add_argument("--parts", default="throughput,toy,cuts")
     args = p.parse_args()
@@ -210,7 +219,8 @@ def main() -> None:
     if "throughput" in parts:
         images, _ = scenes(args.n, 7)
         for arch in args.archs.split(","):
-            throughput(arch, images, [int(r) for r in args.rs.split(",")], args.batch, args.repeats)
+            throughput(arch, images, [int(r) for r in args.rs.split(",")], args.batch, args.repeats,
+                       resolve_device(args.device), args.dtype)
     if "toy" in parts:
         toy_encoder(args, [int(r) for r in args.toy_rs.split(",")])
     if "cuts" in parts:
