@@ -122,7 +122,7 @@ def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
         values, vectors = torch.linalg.eigh(normalized)
         mu, v = values[:, -2], vectors[:, :, -2]
     else:
-        mu, v = _lanczos_second(a, s, d, real)
+        mu, v, unconverged = _lanczos_second(a, s, d, real)
     x = (v.double() * s).cpu().numpy()
     out = []
     for i, size in enumerate(sizes):
@@ -130,14 +130,18 @@ def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
         if xi[np.argmax(np.abs(xi))] < 0:
             xi = -xi
         out.append((xi, float(1.0 - mu[i])))
+    if n > DENSE_MAX_NODES:
+        for i in unconverged:  # still above LANCZOS_TOL after every restart: the one-image solve instead
+            out[i] = fiedler(graphs[i].cpu().numpy())
     return out
 
 
 def _lanczos_second(a: torch.Tensor, s: torch.Tensor, d: torch.Tensor,
-                    real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(mu, v) per graph: the largest eigenpair of the deflated normalized
     matrix, by Lanczos restarted from its Ritz vector until the residual is
-    below LANCZOS_TOL (ARPACK's start: ones, deflated)."""
+    below LANCZOS_TOL (ARPACK's start: ones, deflated); and the graphs still
+    above it after LANCZOS_RESTARTS."""
     b, n = s.shape
     s32 = s.float()
     top = torch.where(real, d.clamp_min(0).sqrt(), 0.0)
@@ -164,7 +168,7 @@ def _lanczos_second(a: torch.Tensor, s: torch.Tensor, d: torch.Tensor,
         todo = todo[residual > LANCZOS_TOL]
         if not len(todo):
             break
-    return mu, v
+    return mu, v, todo.tolist()
 
 
 def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -245,3 +245,26 @@ def test_methods_sharing_graphs_cut_what_each_cuts_alone():
         for a, b in zip(sum(shared, []), sum(alone, [])):
             assert np.array_equal(a.patch_mask, b.patch_mask) and a.eigenvalue == b.eigenvalue
     assert all(g.whole is not None for g in graphs)
+
+
+def test_a_graph_the_batched_lanczos_leaves_unconverged_takes_the_one_image_solve(monkeypatch):
+    """Restarts exhausted above the tolerance: that graph's cut comes from
+    `fiedler` (ARPACK) instead of an unconverged vector; converged ones stay."""
+    import torch
+
+    import tasks.discover as discover
+
+    rng = np.random.default_rng(2)
+    feats = [np.where((rng.random(n) < 0.3)[:, None], 1.0, -1.0) * rng.normal(size=(1, 16))
+             + rng.normal(0, 2.0, (n, 16)) for n in (500, 520)]
+    graphs = [affinity(f, 0.05, 1e-5) for f in feats]
+    monkeypatch.setattr(discover, "LANCZOS_STEPS", 3)
+    monkeypatch.setattr(discover, "LANCZOS_RESTARTS", 1)
+    calls = []
+    real_fiedler = discover.fiedler
+    monkeypatch.setattr(discover, "fiedler", lambda g: calls.append(len(g)) or real_fiedler(g))
+    out = discover.fiedler_batch([torch.from_numpy(g) for g in graphs])
+    assert sorted(calls) == [500, 520]  # 3 Lanczos vectors once: neither converged
+    for graph, (x, value) in zip(graphs, out):
+        expected, expected_value = real_fiedler(graph)
+        assert np.array_equal(x, expected) and value == expected_value
