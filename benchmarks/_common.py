@@ -54,6 +54,14 @@ def images_table(root: Path, n: int, size: int, seed: int = 0) -> Path:
     return root
 
 
+def sync(device) -> None:
+    """Wait for a GPU's queued work before reading the clock (a no-op on CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import images_table, prefect_server, project_params, timed
+from _common import images_table, prefect_server, project_params, sync, timed
 
 from mirage import random_models
 from mirage.models.devices import resolve_device
@@ -63,8 +63,7 @@ def main() -> None:
             with torch.inference_mode():
                 for x in batches:
                     encoder.forward(x.to(device), None, args.tome_r)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
 
         from flows.features import features_flow
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import ROOT, project_params
+from _common import ROOT, project_params, sync
 
 from mirage.data.images import decode_png
 from mirage.data.params import Split
@@ -56,10 +56,6 @@ def throughput(arch: str, images: np.ndarray, rs: list[int], batch: int, repeats
     enc = load_encoder(f"random:{arch}:0", device, dtype)  # a GPU: float16 autocast with dtype auto
     pixels = [enc.preprocess(images[i : i + batch]) for i in range(0, len(images), batch)]
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     seconds = {r: [] for r in rs}
     emb = {}
     with torch.inference_mode():
@@ -67,11 +63,11 @@ def throughput(arch: str, images: np.ndarray, rs: list[int], batch: int, repeats
             emb[r] = torch.cat([enc.forward(x, None, r)[0].float().cpu() for x in pixels])
         for _ in range(repeats):
             for r in rs:
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 for x in pixels:
                     enc.forward(x, None, r)
-                sync()
+                sync(device)
                 seconds[r].append(time.perf_counter() - start)
     base = min(seconds[rs[0]])
     print(f"\n{arch} (random weights, {enc.image_size} px, {enc.patch_grid[0] * enc.patch_grid[1]} patches, "
@@ -174,8 +170,7 @@ def cuts_at_scale(args) -> None:
         discover_images(fs[:1], (side, side), run_cfg, device)  # first call (library set-up), untimed
         start = time.perf_counter()
         masks[name] = discover_images(fs, (side, side), run_cfg, device)  # the images of one batch
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         rates[name] = len(fs) / (time.perf_counter() - start)
 
     def iou(a, b) -> float:  # the union of each image's masks

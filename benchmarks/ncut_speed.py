@@ -25,6 +25,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from _common import ROOT, sync
+
 from mirage.models.devices import resolve_device
 from tasks.discover import affinity_torch, fiedler, fiedler_batch
 
@@ -53,8 +55,6 @@ def iou(x: np.ndarray, y: np.ndarray) -> float:
 
 def toy_scenes(n: int, device: torch.device) -> None:
     """Both solvers on the toy test scenes' patch features, as the stage cuts them."""
-    from pathlib import Path
-
     from mirage.data.params import load
     from mirage.models.encoders import load_encoder
     from mirage.models.fingerprint import encoder_spec
@@ -62,14 +62,13 @@ def toy_scenes(n: int, device: torch.device) -> None:
     from tasks.discover import cut_to_object, discover_images
     from tasks.evaluate import corloc, load_test_split
 
-    root = Path(__file__).resolve().parents[1]
-    p = load(root / "params.yaml")
-    gt = load_test_split(str(root / "data/toyworld/test"), list(p.discover.classes))
+    p = load(ROOT / "params.yaml")
+    gt = load_test_split(str(ROOT / "data/toyworld/test"), list(p.discover.classes))
     encoder = load_encoder(encoder_spec(p.features.encoder), device, p.features.dtype)
     backbone = load_patch_backbone(p.features.patch_backbone, encoder, p.generate.model)
     images = gt["images"][:n]
-    patches = np.concatenate([backbone.patches(images[i : i + 32])[0] for i in range(0, len(images), 32)])
-    grid = backbone.patches(images[:1])[1]
+    batches = [backbone.patches(images[i : i + 32]) for i in range(0, len(images), 32)]
+    patches, grid = np.concatenate([f for f, _ in batches]), batches[0][1]
     size = images.shape[1:3]
     print(f"\n{len(images)} toy test scenes, {p.features.patch_backbone} ({grid[0]}x{grid[1]} patches x "
           f"{patches.shape[2]}), tau {p.discover.tau}, batches of 32 as the stage cuts them")
@@ -110,10 +109,6 @@ def main() -> None:
         return [affinity_torch(scene_features(args.nodes, args.dim, rng), args.tau, 1e-5, device)
                 for _ in range(args.batch)]
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     warm = graphs()[:2]  # first calls (library set-up), untimed: a stage runs thousands
     dense_generalized(warm[0].cpu().numpy()), fiedler(warm[0].cpu().numpy()), fiedler_batch(warm)
     dense_t, scipy_t, torch_t, ious = [], [], [], {"scipy": [], "torch": []}
@@ -125,10 +120,10 @@ def main() -> None:
         t1 = time.perf_counter()
         xs = [fiedler(g)[0] for g in host]
         t2 = time.perf_counter()
-        sync()
+        sync(device)
         t3 = time.perf_counter()
         xt = [x for x, _ in fiedler_batch(batch)]
-        sync()
+        sync(device)
         t4 = time.perf_counter()
         dense_t.append((t1 - t0) / args.batch)
         scipy_t.append((t2 - t1) / args.batch)

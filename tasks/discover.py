@@ -120,7 +120,7 @@ def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
         normalized = a.double() * s[:, :, None] * s[:, None, :]
         normalized.diagonal(dim1=1, dim2=2).masked_fill_(~real, -2.0)  # padding: below every real eigenvalue
         values, vectors = torch.linalg.eigh(normalized)
-        mu, v = values[:, -2], vectors[:, :, -2]
+        mu, v, unconverged = values[:, -2], vectors[:, :, -2], []
     else:
         mu, v, unconverged = _lanczos_second(a, s, d, real)
     x = (v.double() * s).cpu().numpy()
@@ -130,9 +130,8 @@ def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
         if xi[np.argmax(np.abs(xi))] < 0:
             xi = -xi
         out.append((xi, float(1.0 - mu[i])))
-    if n > DENSE_MAX_NODES:
-        for i in unconverged:  # still above LANCZOS_TOL after every restart: the one-image solve instead
-            out[i] = fiedler(graphs[i].cpu().numpy())
+    for i in unconverged:  # still above LANCZOS_TOL after every restart: the one-image solve instead
+        out[i] = fiedler(graphs[i].cpu().numpy())
     return out
 
 
@@ -191,23 +190,27 @@ def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.T
         alive = alive & (norm > 1e-5)
         beta[:, j] = torch.where(alive, norm.double(), 0.0)
         if j % 4 == 3 and j + 1 < steps:  # every fourth step: stop once every row has converged
-            if bool((_ritz(alpha[:, : j + 1], beta[:, : j + 1])[2] <= LANCZOS_TOL).all()):
-                return _ritz(alpha[:, : j + 1], beta[:, : j + 1], basis[:, : j + 1])
+            theta, y, residual = _ritz(alpha[:, : j + 1], beta[:, : j + 1])
+            if bool((residual <= LANCZOS_TOL).all()):
+                return theta, _ritz_vector(y, basis[:, : j + 1]), residual
         q = torch.where(alive[:, None], w / norm.clamp_min(1e-30)[:, None], 0.0)
-    return _ritz(alpha, beta, basis)
+    theta, y, residual = _ritz(alpha, beta)
+    return theta, _ritz_vector(y, basis), residual
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, basis: torch.Tensor | None = None):
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The largest Ritz value of the Lanczos tridiagonal (alpha, beta), its
-    unit Ritz vector (with `basis`) and its residual norm |beta_last y_last|."""
+    eigenvector y and the residual norm |beta_last y_last|."""
     t = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
     values, vectors = torch.linalg.eigh(t)
     y = vectors[:, :, -1]
-    residual = (beta[:, -1] * y[:, -1]).abs()
-    if basis is None:
-        return values[:, -1], None, residual
+    return values[:, -1], y, (beta[:, -1] * y[:, -1]).abs()
+
+
+def _ritz_vector(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The unit Ritz vector basis^T y, per row."""
     u = torch.bmm(y.float()[:, None, :], basis)[:, 0]
-    return values[:, -1], u / torch.linalg.vector_norm(u, dim=1, keepdim=True), residual
+    return u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
 
 
 def second_eigenvector(features: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, float]:
@@ -235,8 +238,8 @@ def foreground(x: np.ndarray, grid: tuple[int, int], nodes: np.ndarray, corner_r
 
 
 class Graph:
-    """TokenCut's graph of one image's patches, and its Fiedler vector on a set
-    of them.  `merged`: patches with identical features (the tokens Token
+    """TokenCut's graph of one image's patches, and the system whose Fiedler
+    vector cuts a set of them.  `merged`: patches with identical features (the tokens Token
     Merging made one, mapped back to the grid: features.tome_r) are one node
     weighing as many patches, so the solve runs on the merged graph, T' nodes
     instead of P: W'_ab = s_a s_b w(a, b).  Its eigenproblem is the patch
@@ -272,12 +275,6 @@ class Graph:
         if isinstance(self.graph, torch.Tensor):
             weights = torch.from_numpy(weights).to(self.graph.device)
         return _sub(self.graph, tokens) * weights[:, None] * weights[None, :], at.reshape(-1)
-
-    def fiedler(self, nodes: np.ndarray) -> tuple[np.ndarray, float]:
-        """The Fiedler vector on patches `nodes` (a value per patch) and its eigenvalue."""
-        graph, at = self.system(nodes)
-        y, value = fiedler(graph)
-        return (y if at is None else y[at]), value
 
 
 def _sub(graph: np.ndarray | torch.Tensor, nodes: np.ndarray) -> np.ndarray | torch.Tensor:
@@ -349,15 +346,24 @@ def maskcut(
     filter matters only after pixel-level refinement, which mirage does not
     do).  A mask covering <= `min_area` of the grid is dropped.  `merged`:
     the cuts run on the merged graph (Graph)."""
-    graph = Graph(features, tau, eps, merged)
-    return cut_rounds([graph], grid, max_objects, min_area, max_objects > 1, solve_each)[0]
+    return maskcut_rounds([Graph(features, tau, eps, merged)], grid, max_objects, min_area, solve_each)[0]
 
 
 def tokencut(features: np.ndarray, grid: tuple[int, int], tau: float, eps: float, merged: bool = False) -> Cut:
     """TokenCut: the single cut of the full graph, the seed's side and component
     (`merged`: on the merged graph, Graph)."""
-    x, value = Graph(features, tau, eps, merged).fiedler(np.arange(len(features)))
-    return Cut(patch_mask=foreground(x, grid, np.arange(len(x)), corner_rule=False), eigenvalue=value)
+    return tokencut_rounds([Graph(features, tau, eps, merged)], grid, solve_each)[0][0]
+
+
+def tokencut_rounds(graphs: list[Graph], grid: tuple[int, int], solve) -> list[list[Cut]]:
+    """TokenCut on each graph: one cut of the whole graph, always kept."""
+    return cut_rounds(graphs, grid, 1, -1.0, False, solve, min_nodes=1)
+
+
+def maskcut_rounds(graphs: list[Graph], grid: tuple[int, int], max_objects: int, min_area: float,
+                   solve) -> list[list[Cut]]:
+    """MaskCut on each graph: up to `max_objects` cuts (the corner rule when several)."""
+    return cut_rounds(graphs, grid, max_objects, min_area, max_objects > 1, solve)
 
 
 def upsample_mask(patch_mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -392,9 +398,14 @@ def zero_shot(encoder: Encoder, images: np.ndarray, boxes: list[list[float]], pr
     return probs.argmax(1), probs.max(1)
 
 
+def graph_key(cfg) -> tuple:
+    """What of a Discover section builds the graphs (not the method cutting them)."""
+    return cfg.tau, cfg.eps, cfg.on_merged, cfg.solver
+
+
 def graphs_of(features: list[np.ndarray], cfg, device: torch.device) -> list[Graph]:
-    """Each image's graph as `cfg` (a Discover section: tau, eps, on_merged,
-    solver) builds it; the methods' cuts (`cut_graphs`) can share them."""
+    """Each image's graph as `cfg` (a Discover section: its `graph_key`)
+    builds it; the methods' cuts (`cut_graphs`) can share them."""
     on = device if cfg.solver == "torch" else None
     return [Graph(f, cfg.tau, cfg.eps, cfg.on_merged, on) for f in features]
 
@@ -403,9 +414,9 @@ def cut_graphs(graphs: list[Graph], grid: tuple[int, int], cfg) -> list[list[Cut
     """The cuts `cfg.method` asks for on each image's graph; `cfg.solver` torch
     solves the images' graphs together, scipy one at a time (the same cuts)."""
     solve = solve_together if cfg.solver == "torch" else solve_each
-    if cfg.method == "tokencut":  # one cut of the whole graph, every cut kept
-        return cut_rounds(graphs, grid, 1, -1.0, False, solve, min_nodes=1)
-    return cut_rounds(graphs, grid, cfg.max_objects, cfg.min_area, cfg.max_objects > 1, solve)
+    if cfg.method == "tokencut":
+        return tokencut_rounds(graphs, grid, solve)
+    return maskcut_rounds(graphs, grid, cfg.max_objects, cfg.min_area, solve)
 
 
 def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, device: torch.device) -> list[list[Cut]]:

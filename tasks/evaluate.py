@@ -141,20 +141,23 @@ def discovered_by_methods(backbone, images: np.ndarray, sizes: list[tuple[int, i
                           device: torch.device | None = None) -> list[list[dict]]:
     """`discovered_boxes` for several Discover sections (TokenCut and MaskCut)
     on one computation of the patch features: one list of images per section."""
-    from tasks.discover import cut_graphs, cut_to_object, graphs_of
+    from tasks.discover import cut_graphs, cut_to_object, graph_key, graphs_of
 
     patches, grid = backbone.patches(images)
     out: list[list[dict]] = []
-    graphs, built_for = None, None
+    graphs: dict[tuple, list] = {}  # the methods share the graphs built the same way
     for cfg in cfgs:
-        if built_for is None or cfg.model_copy(update={"method": built_for.method}) != built_for:
-            graphs, built_for = graphs_of(list(patches), cfg, device or torch.device("cpu")), cfg  # else shared
-        cuts = cut_graphs(graphs, grid, cfg)
+        built = graph_key(cfg)
+        if built not in graphs:
+            graphs[built] = graphs_of(list(patches), cfg, device or torch.device("cpu"))
+        cuts = cut_graphs(graphs[built], grid, cfg)
         out.append([{"boxes": np.array([cut_to_object(c, h, w)[1] for c in image_cuts],
                                        dtype=np.float64).reshape(-1, 4),
                      "scores": np.array([1.0 - c.eigenvalue for c in image_cuts])}
                     for image_cuts, (h, w) in zip(cuts, sizes)])
     return out
+
+
 def top_box(found: dict[str, np.ndarray]) -> list[float]:
     """The best discovered box, or an empty one (a CorLoc miss)."""
     return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
