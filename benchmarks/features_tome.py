@@ -152,7 +152,7 @@ def merged_to(feats: np.ndarray, tokens: int, rounds: int = 8) -> np.ndarray:
 
 def cuts_at_scale(args) -> None:
     from mirage.data.params import load
-    from tasks.discover import discover_images
+    from tasks.discover import discover_images, graphs_of
 
     rng = np.random.default_rng(0)
     side = int(round(np.sqrt(args.nodes)))
@@ -187,6 +187,14 @@ def cuts_at_scale(args) -> None:
         print(f"{name:<30}{rates[name]:>8.2f}{rates[name] / rates[first]:>12.2f}{iou(masks[name], masks[first]):>17.3f}"
               f"{found:>13}")
     print(f"IoU, merged graph vs merged mapped back: {iou(masks['merged graph (on_merged)'], masks['merged, mapped back']):.4f}")
+    for solver in ("scipy", "torch"):  # what every cut of the unmerged graph pays before any solve
+        run_cfg = cfg.model_copy(update={"solver": solver})
+        start = time.perf_counter()
+        graphs_of(feats, run_cfg, device)
+        sync(device)
+        rate = len(feats) / (time.perf_counter() - start)
+        print(f"the {side * side} x {side * side} graphs alone (f f^T thresholded), solver {solver}: {rate:.2f} img/s, "
+              f"the ceiling of unmerged MaskCut on this machine")
 
 
 def main() -> None:

@@ -143,9 +143,10 @@ def run(root: str | Path = ".", overrides: dict | None = None, force: bool = Fal
             from dvc.lock import LockError
 
             try:
+                # a `dvc repro` started beside this run after it wrote params.yaml: let it end first, and ask
+                # `dvc status` under the same hold (it takes DVC's lock: a repro starting in between refused this run)
                 with scheduler.open_repo(root) as repo, scheduler.workspace_lock(repo, wait=scheduler.dvc_wait(root)):
-                    pass  # a `dvc repro` started beside this run after it wrote params.yaml: let it end first
-                nothing = not scheduler.stale(root)
+                    nothing = not scheduler.stale_in(repo)
             except LockError:  # a run in progress
                 raise scheduler.busy(root) from None
             if nothing:

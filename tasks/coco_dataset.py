@@ -76,7 +76,7 @@ def discover_dataset(backbone, size: int, items: list[CocoImage], cfg) -> list[d
     pixels, best cut first.  The whole image is resized to size x size (no crop,
     so every pixel maps back), cut on the backbone's patch grid (`cfg` is a
     Discover section), and the masks are mapped back to the original size."""
-    from tasks.evaluate import discovered_boxes
+    from tasks.discover_splits import discovered_boxes
 
     out = []
     for chunk, arrays in read_images(items):

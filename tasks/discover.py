@@ -36,7 +36,12 @@ def affinity(features: np.ndarray, tau: float, eps: float) -> np.ndarray:
     """N x C features -> N x N graph: 1 where cosine similarity >= tau, else eps."""
     f = features.astype(np.float32)  # float32 similarities: 2x faster, thresholding is unaffected
     f /= np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12)
-    return np.where(f @ f.T >= tau, np.float32(1.0), np.float32(eps))
+    # NumPy computes a @ a.T as one symmetric product (BLAS syrk: half a matmul's work; torch's
+    # f @ f.T is a full matmul, 1.7x slower on an AVX2 EPYC), thresholded in place, one N x N
+    # buffer: 1.0 where similar, 0.0 else, then eps for the 0.0s (0 < eps < 1)
+    similar = f @ f.T
+    torch.from_numpy(similar).ge_(tau).clamp_min_(eps)
+    return similar
 
 
 def fiedler(graph: np.ndarray) -> tuple[np.ndarray, float]:
@@ -83,10 +88,13 @@ def _dense_fiedler(graph: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
 
 
 def affinity_torch(features: np.ndarray, tau: float, eps: float, device: torch.device) -> torch.Tensor:
-    """`affinity` computed in torch on `device` (float32, the same thresholding)."""
+    """`affinity` as a torch tensor on `device` (float32, the same thresholding;
+    on the CPU the same bytes: it is `affinity`)."""
+    if device.type == "cpu":
+        return torch.from_numpy(affinity(features, tau, eps))
     f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
     f = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
-    return torch.where(f @ f.T >= tau, 1.0, eps).to(torch.float32)
+    return (f @ f.T).ge_(tau).clamp_min_(eps)
 
 
 LANCZOS_STEPS = 40  # Krylov vectors per restart of the batched solver (it stops early once all converged)
@@ -94,53 +102,99 @@ LANCZOS_RESTARTS = 50
 LANCZOS_TOL = 1e-5  # residual |M u - mu u| of the unit Ritz vector u
 
 
-def fiedler_batch(graphs: list[torch.Tensor]) -> list[tuple[np.ndarray, float]]:
+@dataclass(frozen=True)
+class Restriction:
+    """A torch graph's nodes `nodes` (their indices; None: all of them) as the
+    system to solve, without copying the sub-matrix out: `fiedler_batch`
+    masks the other nodes (a copy of a 3600-node graph cost more than its
+    Lanczos solve)."""
+    graph: torch.Tensor
+    nodes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.graph) if self.nodes is None else len(self.nodes)
+
+    def copied(self) -> torch.Tensor:
+        return self.graph if self.nodes is None else _sub(self.graph, self.nodes)
+
+    def of(self, x: np.ndarray) -> np.ndarray:
+        """The system's entries of a vector over the graph's nodes."""
+        return x[: len(self.graph)] if self.nodes is None else x[self.nodes]
+
+
+def fiedler_batch(systems: list) -> list[tuple[np.ndarray, float]]:
     """`fiedler` of several graphs (square float32 tensors on one device, of
-    any sizes) solved together, padded to one B x N x N batch whose padding
-    is cut off from every vector, so each graph's problem is its own.  Up to
-    DENSE_MAX_NODES nodes: one batched dense eigh (float64, the padding's
-    eigenvalues below every real one).  Larger: batched Lanczos (one bmm a
-    step for the whole batch) on the deflated D^-1/2 A D^-1/2 (its known top
-    pair (1, sqrt(d)) projected out, as `fiedler` does)."""
-    if not graphs:
+    any sizes, or Restrictions of them) solved together.  Up to
+    DENSE_MAX_NODES nodes: one batched dense eigh (float64, padded to one
+    B x N x N batch whose padding's eigenvalues are below every real one).
+    Larger: batched Lanczos (one vector-matrix product a graph a step, no
+    graph copied) on the deflated D^-1/2 A D^-1/2 (its known top pair
+    (1, sqrt(d)) projected out, as `fiedler` does), the nodes outside a
+    graph's system masked out: s = 0 there, so its problem is exactly the
+    sub-graph's.  Graphs of different sizes (merged ones) are padded into one
+    batch, whose padding is masked the same way."""
+    if not systems:
         return []
-    device = graphs[0].device
-    sizes = [len(g) for g in graphs]
-    b, n = len(graphs), max(sizes)
-    if all(size == n for size in sizes):
-        a = torch.stack(graphs)
-    else:
-        a = torch.zeros(b, n, n, dtype=torch.float32, device=device)
-        for i, g in enumerate(graphs):
-            a[i, : len(g), : len(g)] = g
-    real = torch.arange(n, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
-    d = a.sum(-1).double()  # float32 sums, as `fiedler` (a float64 reduction is 13x slower on CPU)
-    s = torch.where(real, d.clamp_min(1e-300).rsqrt(), 0.0)
-    if n <= DENSE_MAX_NODES:
-        normalized = a.double() * s[:, :, None] * s[:, None, :]
-        normalized.diagonal(dim1=1, dim2=2).masked_fill_(~real, -2.0)  # padding: below every real eigenvalue
-        values, vectors = torch.linalg.eigh(normalized)
-        mu, v, unconverged = values[:, -2], vectors[:, :, -2], []
-    else:
-        mu, v, unconverged = _lanczos_second(a, s, d, real)
+    systems = [g if isinstance(g, Restriction) else Restriction(g) for g in systems]
+    device = systems[0].graph.device
+    sizes = [len(g) for g in systems]
+    if max(sizes) <= DENSE_MAX_NODES:
+        return _dense_batch([g.copied() for g in systems], sizes, device)
+    full = [g.graph for g in systems]
+    n = max(len(g) for g in full)
+    if any(len(g) != n for g in full):  # merged graphs of several sizes: one zero-padded batch (small graphs)
+        full = list(_padded(full, n, device))
+    kept = torch.zeros(len(full), n, dtype=torch.bool, device=device)
+    for i, g in enumerate(systems):
+        if g.nodes is None:
+            kept[i, : len(g.graph)] = True
+        else:
+            kept[i, torch.from_numpy(g.nodes).to(device)] = True
+    ones = kept.float()
+    d = torch.stack([ones[i] @ g for i, g in enumerate(full)]).double()  # degrees within the system (A symmetric)
+    s = torch.where(kept, d.clamp_min(1e-300).rsqrt(), 0.0)
+    mu, v, unconverged = _lanczos_second(full, s, d, kept)
     x = (v.double() * s).cpu().numpy()
-    out = []
-    for i, size in enumerate(sizes):
-        xi = x[i, :size]
-        if xi[np.argmax(np.abs(xi))] < 0:
-            xi = -xi
-        out.append((xi, float(1.0 - mu[i])))
+    out = [_signed(g.of(x[i]), mu[i]) for i, g in enumerate(systems)]
     for i in unconverged:  # still above LANCZOS_TOL after every restart: the one-image solve instead
-        out[i] = fiedler(graphs[i].cpu().numpy())
+        out[i] = fiedler(systems[i].copied().cpu().numpy())
     return out
 
 
-def _lanczos_second(a: torch.Tensor, s: torch.Tensor, d: torch.Tensor,
+def _padded(graphs: list[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Graphs of up to n nodes as one zero-padded B x n x n batch."""
+    a = torch.zeros(len(graphs), n, n, dtype=torch.float32, device=device)
+    for i, g in enumerate(graphs):
+        a[i, : len(g), : len(g)] = g
+    return a
+
+
+def _signed(x: np.ndarray, mu) -> tuple[np.ndarray, float]:
+    """(x with its largest-magnitude entry positive, the generalized eigenvalue 1 - mu)."""
+    return (-x if x[np.argmax(np.abs(x))] < 0 else x), float(1.0 - mu)
+
+
+def _dense_batch(graphs: list[torch.Tensor], sizes: list[int], device: torch.device) -> list[tuple[np.ndarray, float]]:
+    """Small graphs: one batched dense eigh of the zero-padded batch."""
+    n = max(sizes)
+    a = torch.stack(graphs) if all(size == n for size in sizes) else _padded(graphs, n, device)
+    real = torch.arange(n, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+    d = a.sum(-1).double()  # float32 sums, as `fiedler` (a float64 reduction is 13x slower on CPU)
+    s = torch.where(real, d.clamp_min(1e-300).rsqrt(), 0.0)
+    normalized = a.double() * s[:, :, None] * s[:, None, :]
+    normalized.diagonal(dim1=1, dim2=2).masked_fill_(~real, -2.0)  # padding: below every real eigenvalue
+    values, vectors = torch.linalg.eigh(normalized)
+    x = (vectors[:, :, -2] * s).cpu().numpy()
+    return [_signed(x[i, :size], values[i, -2]) for i, size in enumerate(sizes)]
+
+
+def _lanczos_second(graphs: list[torch.Tensor], s: torch.Tensor, d: torch.Tensor,
                     real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(mu, v) per graph: the largest eigenpair of the deflated normalized
-    matrix, by Lanczos restarted from its Ritz vector until the residual is
-    below LANCZOS_TOL (ARPACK's start: ones, deflated); and the graphs still
-    above it after LANCZOS_RESTARTS."""
+    """(mu, v) per graph (N x N each, `real`: the nodes of its system): the
+    largest eigenpair of the deflated normalized matrix, by Lanczos
+    restarted from its Ritz vector until the residual is below LANCZOS_TOL
+    (ARPACK's start: ones, deflated); and the graphs still above it after
+    LANCZOS_RESTARTS."""
     b, n = s.shape
     s32 = s.float()
     top = torch.where(real, d.clamp_min(0).sqrt(), 0.0)
@@ -155,11 +209,12 @@ def _lanczos_second(a: torch.Tensor, s: torch.Tensor, d: torch.Tensor,
     v = start / torch.linalg.vector_norm(start, dim=1, keepdim=True)
     todo = torch.arange(b, device=s.device)
     for _ in range(LANCZOS_RESTARTS):
-        # the unconverged graphs only (a copy of their rows) once some are done
-        sub_a, sub_s, sub_t = (a, s32, top) if len(todo) == b else (a[todo], s32[todo], top[todo])
+        sub = [graphs[j] for j in todo.tolist()]  # the unconverged graphs only (views: nothing copied)
+        sub_s, sub_t = s32[todo], top[todo]
 
         def matvec(x: torch.Tensor) -> torch.Tensor:  # x^T A = (A x)^T: 2x faster than A x on CPU
-            y = sub_s * torch.bmm((sub_s * x)[:, None, :], sub_a)[:, 0]
+            sx = sub_s * x
+            y = sub_s * torch.stack([sx[k] @ g for k, g in enumerate(sub)])
             return y - sub_t * (sub_t * x).sum(1, keepdim=True)
 
         theta, u, residual = _lanczos(matvec, v[todo], LANCZOS_STEPS)
@@ -269,7 +324,11 @@ class Graph:
         """The graph whose Fiedler vector is the cut of patches `nodes`, and the
         map from those patches to its nodes (None: one node a patch)."""
         if self.token is None:
-            return (self.graph if len(nodes) == len(self.graph) else _sub(self.graph, nodes)), None
+            if len(nodes) == len(self.graph):
+                return self.graph, None
+            if isinstance(self.graph, torch.Tensor):  # the torch solver masks the rest (Restriction)
+                return Restriction(self.graph, nodes), None
+            return _sub(self.graph, nodes), None
         tokens, at, sizes = np.unique(self.token[nodes], return_inverse=True, return_counts=True)
         weights = sizes.astype(np.float32)
         if isinstance(self.graph, torch.Tensor):
@@ -425,8 +484,9 @@ def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, devi
     return cut_graphs(graphs_of(features, cfg, device), grid, cfg)
 
 
-VERSION = 5  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
-# 5: degenerate cuts dropped, images without an object are failed items
+VERSION = 6  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
+# 5: degenerate cuts dropped, images without an object are failed items; 6: solver torch's graph on the CPU
+# is `affinity`'s (NumPy's symmetric product: torch's matmul rounds otherwise, an edge at tau could flip)
 
 
 def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table | Partial:

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mirage.data.images import box_iou, decode_png, draw_grid
-from mirage.data.params import Discover, Features, Params
+from mirage.data.params import Discover, Params
 from mirage.data.store import read_table
 from mirage.models.devices import resolve_device
 from mirage.models.encoders import ImageEncoder, load_encoder
-from mirage.models.patch_backbones import load_patch_backbone
 from mirage.models.fingerprint import encoder_spec
 from tasks.quality import generation_quality, quality_png, scene_classes
 from tasks.train_detector import load_detector, predict
@@ -127,37 +126,6 @@ def prompt_alignment(image_emb: np.ndarray, text_emb: np.ndarray, prompted: list
     return float(np.mean((image_emb @ text_emb.T).argmax(1) == np.asarray(prompted)))
 
 
-def discovered_boxes(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfg,
-                     device: torch.device | None = None) -> list[dict[str, np.ndarray]]:
-    """Objects discovered in a batch: `images` uint8 B x S x S x 3 at the
-    backbone's input size, `sizes` each image's own (height, width), `cfg` a
-    Discover section (`device`: where its torch solver runs).  Per image,
-    boxes (x, y, w, h) in its own pixels, best cut first, with their scores
-    (1 - the cut's eigenvalue)."""
-    return discovered_by_methods(backbone, images, sizes, [cfg], device)[0]
-
-
-def discovered_by_methods(backbone, images: np.ndarray, sizes: list[tuple[int, int]], cfgs: list,
-                          device: torch.device | None = None) -> list[list[dict]]:
-    """`discovered_boxes` for several Discover sections (TokenCut and MaskCut)
-    on one computation of the patch features: one list of images per section."""
-    from tasks.discover import cut_graphs, cut_to_object, graph_key, graphs_of
-
-    patches, grid = backbone.patches(images)
-    out: list[list[dict]] = []
-    graphs: dict[tuple, list] = {}  # the methods share the graphs built the same way
-    for cfg in cfgs:
-        built = graph_key(cfg)
-        if built not in graphs:
-            graphs[built] = graphs_of(list(patches), cfg, device or torch.device("cpu"))
-        cuts = cut_graphs(graphs[built], grid, cfg)
-        out.append([{"boxes": np.array([cut_to_object(c, h, w)[1] for c in image_cuts],
-                                       dtype=np.float64).reshape(-1, 4),
-                     "scores": np.array([1.0 - c.eigenvalue for c in image_cuts])}
-                    for image_cuts, (h, w) in zip(cuts, sizes)])
-    return out
-
-
 def top_box(found: dict[str, np.ndarray]) -> list[float]:
     """The best discovered box, or an empty one (a CorLoc miss)."""
     return found["boxes"][0].tolist() if len(found["boxes"]) else [0.0, 0.0, 0.0, 0.0]
@@ -198,52 +166,26 @@ def load_test_split(test: str, classes: list[str]) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class SplitDiscoveryJob:
-    """Discovery on evaluation images, patch features computed on the fly,
-    wherever it runs (mirage/run/runner.py); `random_seed`: the same backbone with
-    random weights (the baseline)."""
-
-    fcfg: Features
-    dcfg: Discover
-    generator: str
-    random_seed: int | None = None
-    methods: tuple[str, ...] = ()  # other cuts on the same features (TokenCut and MaskCut side by side)
-    concepts: str | None = None  # stage concepts' output (a `concepts` patch backbone's units)
-
-    def load_key(self) -> tuple:
-        f = self.fcfg
-        return ("split-discovery", f.encoder, f.device, f.dtype, f.patch_backbone, self.generator, self.random_seed,
-                self.concepts)
-
-    def load(self):
-        encoder = load_encoder(encoder_spec(self.fcfg.encoder), resolve_device(self.fcfg.device), self.fcfg.dtype)
-        return load_patch_backbone(self.fcfg.patch_backbone, encoder, self.generator, random_seed=self.random_seed,
-                                   concepts=self.concepts)
-
-    def describe(self, backbone) -> dict:
-        return {}
-
-    def prepare(self, backbone, images: np.ndarray) -> np.ndarray:
-        return images
-
-    def compute(self, backbone, images: np.ndarray) -> list[dict[str, np.ndarray]] | list[list[dict]]:
-        sizes = [images.shape[1:3]] * len(images)
-        device = resolve_device(self.fcfg.device)
-        if not self.methods:
-            return discovered_boxes(backbone, images, sizes, self.dcfg, device)
-        cfgs = [self.dcfg.model_copy(update={"method": m}) for m in self.methods]
-        return discovered_by_methods(backbone, images, sizes, cfgs, device)
+def split_boxes(path: str) -> dict[tuple[str, str, str], list[dict[str, np.ndarray]]]:
+    """Stage discover_splits' Parquet file (schema.SPLIT_BOXES) as {(split,
+    weights, method): per image in its split's order, its boxes and scores
+    (tasks/discover_splits.py `discovered_boxes`)}, keys in the table's order
+    (the configured method first)."""
+    grouped: dict[tuple[str, str, str], list[dict]] = {}
+    for r in sorted(pq.read_table(path).to_pylist(), key=lambda r: r["image"]):
+        grouped.setdefault((r["split"], r["weights"], r["method"]), []).append(
+            {"boxes": np.array(r["boxes"], dtype=np.float64).reshape(-1, 4), "scores": np.array(r["scores"])})
+    return grouped
 
 
-def discover_split(run, job: SplitDiscoveryJob, images: np.ndarray, batch: int = 128):
-    """Discovered boxes per test image, in order, on the runner `run`; with
-    `job.methods`, {method: boxes per image}."""
-    batches = [images[start : start + batch] for start in range(0, len(images), batch)]
-    found = dict(run.map(job, batches)) if batches else {}
-    if not job.methods:
-        return [f for i in range(len(found)) for f in found[i]]
-    return {m: [f for i in range(len(found)) for f in found[i][k]] for k, m in enumerate(job.methods)}
+def found_in(boxes: dict, split: str, weights: str, method: str, n: int) -> list[dict[str, np.ndarray]]:
+    """`split_boxes`' entry for `split`'s n images, or a clear error where the
+    table was made for other splits or another method."""
+    found = boxes.get((split, weights, method), [])
+    if len(found) != n:
+        raise ValueError(f"the split discovery holds {len(found)} {weights}-weight {method} rows of split "
+                         f"{split!r}, not its {n} images: run stage discover_splits again (mirage run)")
+    return found
 
 
 def detector_rounds(detector: str, gt: dict, score_thresh: float) -> tuple[list[dict], list[np.ndarray], list[dict]]:
@@ -286,28 +228,26 @@ def pr_csv(curve: np.ndarray) -> bytes:
 SIDE_BY_SIDE = ("ap", "ap50", "ap75", "ar100")  # the COCO measures compared per split: teacher vs detector
 
 
-def evaluate(params: Params, run, test: str, images: str, features: str, detector: str,
-             ood: str | None = None, reference: str | None = None, real: str | None = None,
-             concepts: str | None = None) -> tuple[dict, list[np.ndarray], bytes, bytes]:
+def evaluate(params: Params, test: str, images: str, features: str, detector: str, discovered: str,
+             ood: str | None = None, reference: str | None = None,
+             real: str | None = None) -> tuple[dict, list[np.ndarray], bytes, bytes]:
     """The metrics (test split and, when `ood` holds scenes, the ood split
     side by side), each round's PR curve, the example grid (PNG) and the
     distribution metrics' picture (PNG; `reference`: the features stage's
     sample of real images; `real`: their scenes, whose
-    classes give the per-class measures; `concepts`: stage concepts' output,
-    for a `concepts` patch backbone).  `run`: a runner
-    (mirage/run/runner.py `open_runner`) the splits' discovery is mapped on."""
+    classes give the per-class measures).  `discovered`: stage
+    discover_splits' table, the teacher's boxes on the splits."""
     cfg, dcfg, fcfg = params.evaluate, params.discover, params.features
     gt = load_test_split(test, list(dcfg.classes))
     splits = {"test": gt}
     if ood and read_table(ood, columns=["key"]).num_rows:
         splits["ood"] = load_test_split(ood, list(dcfg.classes))
     encoder = load_encoder(encoder_spec(fcfg.encoder), resolve_device(fcfg.device), fcfg.dtype)
-    methods = tuple(dict.fromkeys([dcfg.method, "tokencut", "maskcut"]))  # the configured one first
-    both = {name: discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, methods=methods,
-                                                        concepts=concepts), split["images"])
+    boxes = split_boxes(discovered)
+    methods = tuple(m for split, weights, m in boxes if (split, weights) == ("test", "learned"))
+    both = {name: {m: found_in(boxes, name, "learned", m, len(split["images"])) for m in methods}
             for name, split in splits.items()}
-    random = discover_split(run, SplitDiscoveryJob(fcfg, dcfg, params.generate.model, cfg.random_seed, concepts=concepts),
-                            gt["images"])
+    random = found_in(boxes, "test", "random", dcfg.method, len(gt["images"]))
     learned = both["test"][dcfg.method]
     size = gt["images"].shape[1:3]
     found = discovery_metrics(learned, gt["boxes"], size, cfg.iou)

@@ -175,7 +175,8 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 FROZEN = ["train_generator", "train_encoder"]
-UNFROZEN = ["toyworld", "import", "generate", "concepts", "features", "curate", "discover", "train_detector", "evaluate"]
+UNFROZEN = ["toyworld", "import", "generate", "concepts", "features", "curate", "discover", "train_detector", "discover_splits",
+            "evaluate"]
 
 
 @dataclass

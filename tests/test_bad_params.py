@@ -58,6 +58,7 @@ CASES = [  # (-S override, what the message must name)
     ("evaluate.quality_n=-1", "evaluate.quality_n"),
     ("discover.eps=0", "discover.eps"),
     ("discover.min_area=1.5", "discover.min_area"),
+    ("discover.eps=1", "discover.eps"),  # a dissimilar pair as heavy as a similar one
     ("toyworld.object_size=[18, 10]", "toyworld.object_size"),
     ("toyworld.object_size=[10, 64]", "toyworld.object_size"),  # larger than the image
     ("toyworld.image_size=8", "toyworld.image_size"),

@@ -63,7 +63,8 @@ def test_eval_coco_names_what_is_missing(coco_dir, tmp_path, capsys):
 
 def test_eval_coco_discovery_corloc_matches_the_evaluate_stage(coco_dir, tmp_path):
     from mirage.run.runner import LocalRunner
-    from tasks.evaluate import SplitDiscoveryJob, corloc, discover_split, top_box
+    from tasks.discover_splits import SplitDiscoveryJob, discover_split
+    from tasks.evaluate import corloc, top_box
 
     p = params.load("params.yaml")
     items = load_coco(coco_dir / "instances.json", coco_dir / "images")

@@ -45,3 +45,37 @@ def test_prompt_alignment():
     text = np.eye(3)
     images = np.array([[1, 0, 0], [0, 0.9, 0.1], [0.6, 0.4, 0], [0, 0, 1]])
     assert prompt_alignment(images, text, [0, 1, 1, 2]) == 0.75
+
+
+def test_split_discovery_table_gives_evaluate_the_boxes_it_was_given(tmp_path):
+    """discover_splits' rows, through Parquet, come back to evaluate bit for bit,
+    per (split, weights, method) in image order; a table made for other splits is refused."""
+    import pyarrow as pa
+
+    from mirage.data import schema
+    from mirage.data.store import write_parquet
+    from tasks.discover_splits import split_rows
+    from tasks.evaluate import found_in, split_boxes
+
+    rng = np.random.default_rng(0)
+
+    def per_image(n):  # an image with no cut among them
+        return [{"boxes": rng.random((k, 4)) * 64, "scores": 1 - rng.random(k)} for k in [2, 0, 1, 3][:n]]
+
+    learned = {"maskcut": per_image(4), "tokencut": per_image(4)}
+    random = {"maskcut": per_image(4)}
+    ood = {"maskcut": per_image(3), "tokencut": per_image(3)}
+    rows = split_rows("test", "learned", learned) + split_rows("test", "random", random) + split_rows("ood", "learned", ood)
+    rows = rows[::-1]  # any row order
+    path = tmp_path / "splits.parquet"
+    write_parquet(path, pa.Table.from_pylist(rows, schema=schema.SPLIT_BOXES))
+    boxes = split_boxes(str(path))
+    for (split, weights, found) in [("test", "learned", learned), ("test", "random", random), ("ood", "learned", ood)]:
+        for method, expected in found.items():
+            got = found_in(boxes, split, weights, method, len(expected))
+            assert all(np.array_equal(g["boxes"], e["boxes"]) and g["boxes"].shape == (len(e["boxes"]), 4)
+                       and np.array_equal(g["scores"], e["scores"]) for g, e in zip(got, expected))
+    with pytest.raises(ValueError, match="split 'ood', not its 300 images: run stage discover_splits"):
+        found_in(boxes, "ood", "learned", "maskcut", 300)
+    with pytest.raises(ValueError, match="0 random-weight tokencut rows of split 'test'"):
+        found_in(boxes, "test", "random", "tokencut", 4)

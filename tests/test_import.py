@@ -123,7 +123,7 @@ def test_discover_and_train_on_imported_images_only_then_on_a_mix(project):
                      "train_detector.self_train_steps": 30, "train_detector.mix": {"generated": 0.0, "imported": 1.0}}
     ran = {r.name: r for r in pipeline.run(root, imported_only)}
     assert [name for name, r in ran.items() if r.ran] == ["import", "concepts", "features", "curate", "discover", "train_detector",
-                                                            "evaluate"]
+                                                            "discover_splits", "evaluate"]
     assert ran["import"].result["computed"] == 16 and ran["features"].result["computed"] == 16
     found = read_table(root / "data" / "discovery").to_pylist()
     assert len(found) == 16 and all(r["image_id"].startswith("i-") for r in found)  # imported images only

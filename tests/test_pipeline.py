@@ -176,12 +176,13 @@ def test_one_key_change_status_names_it_and_what_runs_and_only_that_reruns(proje
     assert cli_main(["--root", str(project), "status"]) == 0
     out = capsys.readouterr().out
     assert "discover: stale\n  param discover.tau: 0.8 -> 0.3\n" in out
-    assert "evaluate: stale\n  param discover.tau: 0.8 -> 0.3\n" in out  # evaluate reads discover.* too
-    assert "then, as their inputs change: train_detector\n" in out
+    assert "discover_splits: stale\n  param discover.tau: 0.8 -> 0.3\n" in out  # the teacher on the splits too
+    assert "then, as their inputs change: train_detector, evaluate\n" in out
     status = scheduler.explain(project)
     before = {p.name: p.read_bytes() for p in (project / "data/features").glob("*.parquet")}
     again = pipeline.run(project)
-    assert set(ran(again)) == set(status.stale) | set(status.downstream) == {"discover", "train_detector", "evaluate"}
+    assert set(ran(again)) == set(status.stale) | set(status.downstream) == {"discover", "train_detector", "discover_splits",
+                                                                           "evaluate"}
     assert before == {p.name: p.read_bytes() for p in (project / "data/features").glob("*.parquet")}
 
 
@@ -277,12 +278,12 @@ def test_a_concepts_patch_backbone_and_merged_tokens_run_through_and_back_withou
     pairs), with Token Merging in the encoder (features.tome_r) and cuts on the
     merged graph (discover.on_merged), through discovery and evaluate; back to
     the defaults, features and discover restore their items (nothing
-    computed), train_detector and evaluate come from DVC's run-cache: every
+    computed), train_detector, discover_splits and evaluate come from DVC's run-cache: every
     output byte-identical to before."""
     default = load_params(project / "params.yaml").features.patch_backbone
     there = {"features.patch_backbone": "concepts", "features.tome_r": 2, "discover.on_merged": True}
     ran = {r.name: r for r in pipeline.run(project, there) if r.ran}
-    assert list(ran) == ["features", "curate", "discover", "train_detector", "evaluate"]
+    assert list(ran) == ["features", "curate", "discover", "train_detector", "discover_splits", "evaluate"]
     assert ran["features"].result["computed"] == 24
     trained = [p for p in pq.read_table(project / "data/concepts/pairs.parquet").to_pylist() if p["condition"] == "trained"]
     channels = sum(len({(p[f"{side}_layer"], p[f"{side}_unit"]) for p in trained}) for side in ("generator", "encoder"))
@@ -292,6 +293,6 @@ def test_a_concepts_patch_backbone_and_merged_tokens_run_through_and_back_withou
     back = {r.name: r for r in pipeline.run(project, {"features.patch_backbone": default, "features.tome_r": 0,
                                                       "discover.on_merged": False}) if r.ran}
     assert back["features"].result["computed"] == 0 and back["discover"].result["computed"] == 0
-    assert back["train_detector"].restored and back["evaluate"].restored
+    assert back["train_detector"].restored and back["discover_splits"].restored and back["evaluate"].restored
     for name in ("metrics/evaluate.json", "data/discovery.coco.json"):
         assert (project / name).read_bytes() == (done / name).read_bytes(), name

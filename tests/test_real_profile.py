@@ -65,7 +65,7 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
             "concepts.encoder_layers": [-1]}  # one block of ViT-B-32 (3072 units): every block's moments are 1.9 GB
     first = pipeline.run(root, real)
     assert [r.name for r in first if r.ran] == ["generate", "concepts", "features", "curate", "discover", "train_detector",
-                                                 "evaluate"]
+                                                 "discover_splits", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     d = metrics["discovery"]
     assert d["encoder"] == str(models["clip"]) and d["backbone"] == "encoder:keys"
@@ -89,7 +89,8 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
 
     # a timm ViT (no text tower): objects stay unnamed, no prompt alignment
     timm = pipeline.run(root, {"features.encoder": str(models["timm"])})
-    assert [r.name for r in timm if r.ran] == ["concepts", "features", "curate", "discover", "train_detector", "evaluate"]
+    assert [r.name for r in timm if r.ran] == ["concepts", "features", "curate", "discover", "train_detector",
+                                         "discover_splits", "evaluate"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["generation"]["prompt_alignment"] is None
     assert table_metadata(root / "data/features")["grid"] == "14,14,384"
@@ -100,8 +101,8 @@ def test_switch_to_real_models_and_back(toy, models, tmp_path, monkeypatch):
                                "features.patch_backbone": "unet:down_blocks.0.resnets.0:10", "discover.tau": 0.8,
                                "concepts.encoder_layers": []})
     assert counts(back) == {"generate": 0, "features": 0, "curate": 0, "discover": 0, "concepts": 0, "train_detector": None,
-                            "evaluate": None}
-    assert {r.name for r in back if r.restored} == {"train_detector", "evaluate"}
+                            "discover_splits": None, "evaluate": None}
+    assert {r.name for r in back if r.restored} == {"train_detector", "discover_splits", "evaluate"}
     assert (root / "metrics/evaluate.json").read_text() == toy_metrics
     assert (root / "dvc.lock").read_text() == toy_lock
     assert scheduler.stale(root) == {}

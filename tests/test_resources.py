@@ -136,3 +136,19 @@ def test_permanent_failure_ends_the_run_with_stage_items_and_cause(project, faul
     line = next(line for line in err.splitlines() if line.startswith("mirage: stage"))
     assert "stage generate failed: InjectedFault: injected fault at compute" in line
     assert "in the batch) of data/generated" in line
+
+
+def test_a_bar_the_garbage_collector_closes_calls_no_client(monkeypatch):
+    """A bar left open is closed by the garbage collector, which can run inside
+    the Prefect client's own request (holding its connection pool's lock): a
+    report from there hung the test run. close() still reports."""
+    from mirage.run import stage
+
+    sent = []
+    monkeypatch.setattr(stage._Bar, "_report", lambda self: sent.append(self.n))
+    for finish in ("__del__", "close"):
+        bar = stage.progress(4, finish)
+        bar._artifact = "an artifact"  # as inside a flow run
+        bar.update(1)  # within ARTIFACT_EVERY of its start: no report yet
+        getattr(bar, finish)()
+    assert sent == [1]  # close's report only

@@ -236,7 +236,7 @@ class Discover(Section):
     method: Literal["tokencut", "maskcut"] = "tokencut"
     imported_method: Literal["tokencut", "maskcut"] | None = None  # imported images' cut; null: `method`
     tau: float
-    eps: float = Field(gt=0)
+    eps: float = Field(gt=0, lt=1)  # the weight of a dissimilar pair: below a similar pair's 1
     max_objects: int = Field(default=3, ge=1)
     min_area: float = Field(default=0.01, ge=0, lt=1)
     # cut the merged graph: patches with identical features (features.tome_r's merged

@@ -94,3 +94,17 @@ OBJECTS = pa.schema(
         ("objects", pa.list_(DISCOVERED)),  # best cut first
     ]
 )
+
+
+# Stage discover_splits: discovery's boxes on the evaluation splits, per
+# (split, weights, method), one row an image (in the split's order)
+SPLIT_BOXES = pa.schema(
+    [
+        ("split", pa.string()),      # test | ood
+        ("weights", pa.string()),    # learned | random (the baseline: the same backbone with random weights)
+        ("method", pa.string()),     # tokencut | maskcut
+        ("image", pa.int32()),       # the image's index in its split
+        ("boxes", pa.list_(pa.list_(pa.float64(), 4))),  # best cut first
+        ("scores", pa.list_(pa.float64())),              # 1 - the cut's eigenvalue
+    ]
+)

@@ -149,6 +149,13 @@ class _Bar(tqdm):
             self._report()
         super().close()
 
+    def __del__(self):
+        # a bar left open (a stage that raised) is closed by the garbage collector, which can run
+        # inside the Prefect client's own request, holding its connection pool's lock: a report
+        # from here waited for that lock forever (a hung test run). The dashboard misses its last tick
+        self._artifact = None
+        super().__del__()
+
     def _report(self) -> None:
         from prefect.artifacts import update_progress_artifact
 
