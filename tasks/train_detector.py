@@ -26,7 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from mirage.data.images import decode_mask, decode_png, encode_mask
 from mirage.data.params import TrainDetector
 from mirage.data.store import atomic_dir, read_table
-from mirage.models.devices import MODEL_BUILD
+from mirage.models.devices import MODEL_BUILD, TorchRNG
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,14 @@ def train(
     cfg.scale_jitter (lo, hi), each batch is seen at a random size in
     [lo, hi] x min_size (torchvision's multi-scale training)."""
     steps = steps or cfg.steps
-    torch.manual_seed(cfg.seed)
+    # torch's draws (the initial weights, torchvision's RPN and RoI samplers, scale jitter) from a stream of
+    # their own: a stage beside this one (discover_splits' random-weight baseline) seeds the global RNG
+    torch_rng = TorchRNG(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dcfg = DetectorConfig(num_classes=num_classes + 1, min_size=cfg.min_size, drop_loss_iou=cfg.drop_loss_iou,
                           masks=cfg.masks)
-    model = build_detector(dcfg)
+    with torch_rng:
+        model = build_detector(dcfg)
     if start is not None:
         model.load_state_dict(start.state_dict())
     if cfg.scale_jitter:
@@ -167,7 +170,8 @@ def train(
     data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     width = images.shape[2]
     parts = {"model": model, "optimizer": opt, "schedule": sched}
-    first = checkpoints.resume(round_, parts, rng, on_step) if checkpoints else 0
+    with torch_rng:  # a checkpoint holds the torch stream's state
+        first = checkpoints.resume(round_, parts, rng, on_step) if checkpoints else 0
     for step in range(first, steps):
         idx = rng.integers(0, len(images), cfg.batch_size) if probs is None else rng.choice(len(images), cfg.batch_size, p=probs)
         targets = to_targets([labelled[i] for i in idx], images.shape[1:3] if cfg.masks else None)
@@ -182,16 +186,18 @@ def train(
             targets[j]["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
             if "masks" in targets[j]:
                 targets[j]["masks"] = targets[j]["masks"].flip(-1)
-        losses = model(list(batch), targets)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        with torch_rng:
+            losses = model(list(batch), targets)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
         if on_step:
             on_step(step, loss.item())
         if checkpoints:
-            checkpoints.step_done(round_, step + 1, steps, parts, rng, on_step)
+            with torch_rng:
+                checkpoints.step_done(round_, step + 1, steps, parts, rng, on_step)
     model.transform.min_size, model.transform.max_size = (dcfg.min_size,), dcfg.min_size  # inference at min_size
     return model.eval(), dcfg
 

@@ -280,3 +280,37 @@ def test_models_built_side_by_side_have_no_meta_tensors():
     assert len(gens) == 3 and len(encs) == 6
     models = [g.pipe.unet for g in gens] + [e.model for e in encs]
     assert not any(p.is_meta for m in models for p in m.parameters())
+
+
+def test_a_detector_trains_to_the_same_bytes_beside_a_stage_loading_random_weights():
+    """Stages run side by side in one process (runner.parallel_stages): train_detector
+    beside discover_splits, which builds its random-weight baseline with a seed.
+    Both draw from torch's one global RNG; the detector came out with other bytes
+    on a busy machine.  Here a thread builds random-weight models (the loaders'
+    seeding) all through a training: the detector and every model it built are
+    the bytes each makes alone."""
+    import threading
+
+    from mirage.models.encoders import load_encoder
+
+    cfg = params.load("params.yaml").train_detector.model_copy(update={"steps": 12, "batch_size": 2})
+    labelled = [{"boxes": [[4.0, 4.0, 10.0, 10.0]], "labels": [1]} for _ in IMAGES]
+    alone, _ = train(cfg, IMAGES, labelled)
+    twin = load_encoder("random:mirage-toy-clip:3", CPU).model.state_dict()
+
+    stop, built = threading.Event(), []
+
+    def build_random_models():
+        while not stop.is_set():
+            built.append(load_encoder("random:mirage-toy-clip:3", CPU).model.state_dict())
+
+    thread = threading.Thread(target=build_random_models)
+    thread.start()
+    try:
+        beside, _ = train(cfg, IMAGES, labelled)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(built) >= 2  # built while the detector trained
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), beside.state_dict().values()))
+    assert all(torch.equal(t, m[k]) for m in built for k, t in twin.items())

@@ -23,7 +23,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from mirage.models.devices import MODEL_BUILD, resolve_device, resolve_dtype
+from mirage.models.devices import MODEL_BUILD, TorchRNG, resolve_device, resolve_dtype
 from mirage.models.tome import merging
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -220,9 +220,9 @@ def _load_encoder(name: str, device: torch.device, dtype: str) -> ImageEncoder:
         return _load_timm(name, device, dtype)
     if name.startswith("random:"):
         arch, seed = random_spec(name)
-        torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
-                                                                     load_weights=False)
+        with TorchRNG(seed):
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device,
+                                                                         load_weights=False)
         tokenizer = open_clip.get_tokenizer(arch)
     elif name.startswith("local-dir:"):
         path = Path(name.removeprefix("local-dir:"))
@@ -259,10 +259,9 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     import timm
 
     rest = name.removeprefix("timm:")
-    kwargs = {}
+    kwargs, seed = {}, None
     if rest.startswith("random:"):
         arch, seed = random_spec(rest)
-        torch.manual_seed(seed)
         source, pretrained = arch, False
         if arch.startswith("local-dir:"):  # the saved model's architecture, with random weights
             config = json.loads((Path(arch.removeprefix("local-dir:")) / "config.json").read_text())
@@ -275,7 +274,8 @@ def _load_timm(name: str, device: torch.device, dtype: str) -> TimmEncoder:
     else:
         source, pretrained = rest, True
     try:
-        model = timm.create_model(source, pretrained=pretrained, **kwargs)
+        with TorchRNG(seed) if seed is not None else contextlib.nullcontext():
+            model = timm.create_model(source, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"encoder {name!r}: {err}") from None
     model.reset_classifier(0)  # the pooled pre-logits are the embedding

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mirage.models.devices import MODEL_BUILD
+from mirage.models.devices import MODEL_BUILD, TorchRNG
 from mirage.models.encoders import ImageEncoder, default_device, load_encoder, random_twin
 from mirage.models.unit_maps import EncoderUnits, GeneratorUnits
 
@@ -153,8 +153,8 @@ def _load_patch_backbone(spec: str, encoder: ImageEncoder, generator: str | None
     if random_seed is not None:
         from diffusers import UNet2DModel
 
-        torch.manual_seed(random_seed)
-        unet = UNet2DModel.from_config(unet.config).to(encoder.device)
+        with TorchRNG(random_seed):
+            unet = UNet2DModel.from_config(unet.config).to(encoder.device)
     return DiffusionActivations(unet, pipe.scheduler.config, pipe.null_class, module, timestep, seed)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mirage.models.devices import TorchRNG
 from mirage.models.encoders import ImageEncoder, TimmEncoder
 from mirage.models.generators import load_generator
 
@@ -78,8 +79,8 @@ class GeneratorUnits(Units):
         self.pipe, self.kind, self.device, self.grid = gen.pipe, gen.kind, device, grid
         net = self.pipe.transformer if self.kind == "dit" else self.pipe.unet
         if random_seed is not None:  # the same architecture, random weights: the control
-            torch.manual_seed(random_seed)
-            net = type(net).from_config(net.config).to(device=device, dtype=net.dtype)
+            with TorchRNG(random_seed):
+                net = type(net).from_config(net.config).to(device=device, dtype=net.dtype)
         self.net = net.eval()
         if self.kind == "dit":
             default = [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
