@@ -12,6 +12,7 @@ from mirage.models.toy_pipeline import ToyPipeline
 from tasks.generate import item_seed
 from tasks.train_detector import (
     DetectorConfig,
+    RoIAlignByImages,
     build_detector,
     load_detector,
     merge_predictions,
@@ -314,3 +315,31 @@ def test_a_detector_trains_to_the_same_bytes_beside_a_stage_loading_random_weigh
     assert len(built) >= 2  # built while the detector trained
     assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), beside.state_dict().values()))
     assert all(torch.equal(t, m[k]) for m in built for k, t in twin.items())
+
+
+def test_predictions_pool_boxes_a_few_images_at_a_time_to_the_same_bytes(monkeypatch):
+    """The detector's RoIAlign, with no gradient wanted, pools the batch's images
+    8 at a time on torch's threads at once: the same bytes as one call, in order."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    pool = build_detector(DetectorConfig()).roi_heads.box_roi_pool
+    assert isinstance(pool, RoIAlignByImages)
+    monkeypatch.setattr(RoIAlignByImages, "_pool", None)
+    g = torch.Generator().manual_seed(0)
+    x = {"0": torch.randn(20, 128, 16, 16, generator=g)}
+    corners = [torch.rand(30, 2, generator=g) * 40 for _ in range(20)]
+    boxes = [torch.cat([c, c + 4 + torch.rand(30, 2, generator=g) * 20], 1) for c in corners]
+    shapes = [(64, 64)] * 20
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            first = pool(x, boxes, shapes)  # sets the scales: one call, in this thread
+            split = pool(x, boxes, shapes)
+            whole = MultiScaleRoIAlign.forward(pool, x, boxes, shapes)
+        assert RoIAlignByImages._pool is not None and RoIAlignByImages._pool._max_workers == 2  # it did split
+        assert torch.equal(first, whole) and torch.equal(split, whole) and split.shape == (600, 128, 7, 7)
+        with torch.enable_grad():  # training: one call, as torchvision's (its backward sums into the features)
+            assert torch.equal(pool(x, boxes, shapes), whole)
+    finally:
+        torch.set_num_threads(threads)
