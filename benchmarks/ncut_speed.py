@@ -28,7 +28,7 @@ import torch
 from _common import ROOT, sync
 
 from mirage.models.devices import resolve_device
-from tasks.discover import affinity_torch, fiedler, fiedler_batch
+from tasks.discover import affinity_torch, fiedler, fiedler_batch, mirrored
 
 
 def scene_features(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -42,6 +42,7 @@ def scene_features(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
 
 def dense_generalized(a: np.ndarray) -> np.ndarray:
     """MaskCut's solve: scipy.linalg.eigh(D - A, D, subset_by_index=[1, 2])."""
+    a = mirrored(a)  # the whole matrix (mirage's CPU graphs store their lower triangle)
     d = np.diag(a.sum(1))
     _, vecs = scipy.linalg.eigh(d - a, d, subset_by_index=[1, 2])
     x = vecs[:, 0]

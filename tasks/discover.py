@@ -4,6 +4,13 @@ Nodes are patches; A_ij = 1 if cos(f_i, f_j) >= tau else eps.  The generalized
 problem (D - A) x = lambda D x is solved through the symmetric normalized
 matrix D^-1/2 A D^-1/2 (same eigenvectors after rescaling by D^-1/2), which is
 symmetric, so a standard or sparse symmetric solver applies.
+
+A graph on the CPU is stored as its lower triangle (diagonal included; the
+upper triangle is 0, `affinity`) and every CPU solve reads only that half
+(BLAS symv, eigh's lower triangle): at 3600 nodes each pass over the graph
+is memory traffic, and half the matrix is half the time.  A whole symmetric
+matrix is read the same way.  On a GPU a graph is the whole matrix
+(`affinity_torch`).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from scipy import ndimage
+from scipy.linalg.blas import ssymv, ssyrk
 from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
 from mirage.data import schema
@@ -23,6 +31,7 @@ from mirage.models.devices import compute_dtype, resolve_device
 from mirage.models.encoders import Encoder, load_encoder
 from mirage.models.fingerprint import encoder_spec, model_fingerprint
 
+BLOCK_ROWS = 256  # rows of a graph thresholded at a time (a 256 x N strip: 3.6 MB at 3600 nodes)
 DENSE_MAX_NODES = 400  # up to here a dense eigh is faster than ARPACK (0.13 s vs 0.04 s at 1024 nodes)
 
 
@@ -33,53 +42,94 @@ class Cut:
 
 
 def affinity(features: np.ndarray, tau: float, eps: float) -> np.ndarray:
-    """N x C features -> N x N graph: 1 where cosine similarity >= tau, else eps."""
+    """N x C features -> N x N graph: 1 where cosine similarity >= tau, else
+    eps; its lower triangle only (the upper is 0: `mirrored` gives the whole)."""
     f = features.astype(np.float32)  # float32 similarities: 2x faster, thresholding is unaffected
     f /= np.linalg.norm(f, axis=1, keepdims=True).clip(1e-12)
-    # NumPy computes a @ a.T as one symmetric product (BLAS syrk: half a matmul's work; torch's
-    # f @ f.T is a full matmul, 1.7x slower on an AVX2 EPYC), thresholded in place, one N x N
-    # buffer: 1.0 where similar, 0.0 else, then eps for the 0.0s (0 < eps < 1)
-    similar = f @ f.T
-    torch.from_numpy(similar).ge_(tau).clamp_min_(eps)
-    return similar
+    # One triangle of f f^T by BLAS syrk (half a matmul's work; torch's f @ f.T is a full matmul, 1.7x
+    # slower on an AVX2 EPYC), thresholded in blocks of rows; NumPy's f @ f.T calls the same syrk (the
+    # same bytes) and then mirrors it in a cache-unfriendly loop, a third of the graph's time at 3600
+    # nodes, which the solvers do not need.  1.0 where similar, 0.0 else, then eps for the 0.0s.
+    lower = ssyrk(1.0, f.T, trans=1).T  # C-ordered: the lower triangle set, the rest 0
+    similar = torch.from_numpy(lower)
+    for i0 in range(0, len(f), BLOCK_ROWS):
+        i1 = min(i0 + BLOCK_ROWS, len(f))
+        similar[i0:i1, :i0].ge_(tau).clamp_min_(eps)
+        similar[i0:i1, i0:i1].ge_(tau).clamp_min_(eps).tril_()
+    return lower
 
 
-def fiedler(graph: np.ndarray) -> tuple[np.ndarray, float]:
+def mirrored(graph: np.ndarray) -> np.ndarray:
+    """The whole symmetric matrix of a graph stored as its lower triangle (or whole)."""
+    lower = np.tril(graph)
+    return lower + np.tril(lower, -1).T
+
+
+def symmetric_times(graph: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A x for the float32 graph A (its lower triangle read) and a float32 vector x (BLAS ssymv)."""
+    return ssymv(1.0, graph.T, x)  # graph.T: Fortran-ordered, its upper triangle is the graph's lower
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """A graph's nodes `nodes` (their indices, ascending; None: all of them) as
+    the system to solve, without copying the sub-matrix out: `fiedler` and
+    `fiedler_batch` mask the other nodes (a copy of a 3600-node graph cost
+    more than its Lanczos solve)."""
+    graph: np.ndarray | torch.Tensor
+    nodes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.graph) if self.nodes is None else len(self.nodes)
+
+    def copied(self) -> np.ndarray | torch.Tensor:
+        return self.graph if self.nodes is None else _sub(self.graph, self.nodes)
+
+    def of(self, x: np.ndarray) -> np.ndarray:
+        """The system's entries of a vector over the graph's nodes."""
+        return x[: len(self.graph)] if self.nodes is None else x[self.nodes]
+
+
+def fiedler(graph: np.ndarray | Restriction) -> tuple[np.ndarray, float]:
     """The generalized Fiedler vector x of (D - A) x = lambda D x, with a
-    deterministic sign (its largest-magnitude entry positive), and lambda."""
-    n = len(graph)
-    if n <= DENSE_MAX_NODES:
-        mu, v, d_inv_sqrt = _dense_fiedler(graph)
-    else:
-        # Lanczos (ARPACK) on D^-1/2 A D^-1/2 without forming it: each matvec is
-        # s * (A @ (s * x)) on the float32 graph, so the only pass over the N x N
-        # matrix is the matvec itself (memory traffic is the cost at 3600 nodes).
-        # Its top eigenpair is known exactly (sqrt(d), 1) and deflated implicitly,
-        # so ARPACK is asked for one vector with a small Krylov space.
-        a = graph if graph.dtype == np.float32 else graph.astype(np.float32)
-        d = (a @ np.ones(n, dtype=np.float32)).astype(np.float64)
-        d_inv_sqrt = 1.0 / np.sqrt(d)
-        s32 = d_inv_sqrt.astype(np.float32)
-        top = (np.sqrt(d) / np.linalg.norm(np.sqrt(d))).astype(np.float32)
+    deterministic sign (its largest-magnitude entry positive), and lambda;
+    of a Restriction: the sub-graph's, over its nodes."""
+    system = graph if isinstance(graph, Restriction) else Restriction(graph)
+    if len(system) <= DENSE_MAX_NODES:
+        mu, v, d_inv_sqrt = _dense_fiedler(system.copied())
+        return _signed(v * d_inv_sqrt, mu)
+    # Lanczos (ARPACK) on D^-1/2 A D^-1/2 without forming it: each matvec is
+    # s * (A @ (s * x)) on the float32 graph's lower triangle, so the only pass
+    # over the matrix is the matvec itself (memory traffic is the cost at 3600 nodes).
+    # Its top eigenpair is known exactly (sqrt(d), 1) and deflated implicitly,
+    # so ARPACK is asked for one vector with a small Krylov space.  Nodes outside
+    # the system have s = 0: the operator is the sub-graph's, padded with zeros.
+    a = system.graph if system.graph.dtype == np.float32 else system.graph.astype(np.float32)
+    kept = np.zeros(len(a), dtype=np.float32)
+    kept[slice(None) if system.nodes is None else system.nodes] = 1.0
+    d = symmetric_times(a, kept).astype(np.float64)  # degrees within the system
+    inside = kept > 0
+    d_inv_sqrt = np.where(inside, 1.0 / np.sqrt(d), 0.0)
+    s32 = d_inv_sqrt.astype(np.float32)
+    root = np.where(inside, np.sqrt(d), 0.0)
+    top = (root / np.linalg.norm(root)).astype(np.float32)
 
-        def matvec(x: np.ndarray) -> np.ndarray:
-            x = x.astype(np.float32).ravel()
-            return s32 * (a @ (s32 * x)) - top * (top @ x)
+    def matvec(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32).ravel()
+        return s32 * symmetric_times(a, s32 * x) - top * (top @ x)
 
-        op = LinearOperator((n, n), matvec=matvec, dtype=np.float32)
-        try:
-            values, vectors = eigsh(op, k=1, which="LA", v0=np.ones(n, dtype=np.float32), tol=1e-6, ncv=8)
-            mu, v = float(values[0]), vectors[:, 0].astype(np.float64)
-        except ArpackError:  # e.g. a graph of equal degrees: the deflated start vector is zero
-            mu, v, d_inv_sqrt = _dense_fiedler(graph)
-    x = v * d_inv_sqrt
-    if x[np.argmax(np.abs(x))] < 0:
-        x = -x
-    return x, float(1.0 - mu)
+    op = LinearOperator((len(a), len(a)), matvec=matvec, dtype=np.float32)
+    try:
+        values, vectors = eigsh(op, k=1, which="LA", v0=kept, tol=1e-6, ncv=ARPACK_NCV)
+    except ArpackError:  # e.g. a graph of equal degrees: the deflated start vector is zero
+        mu, v, d_inv_sqrt = _dense_fiedler(system.copied())
+        return _signed(v * d_inv_sqrt, mu)
+    return _signed(system.of(vectors[:, 0].astype(np.float64) * d_inv_sqrt), float(values[0]))
 
 
 def _dense_fiedler(graph: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """(mu, v, D^-1/2): the second-largest eigenpair of D^-1/2 A D^-1/2, dense float64."""
+    graph = mirrored(graph)
     d = graph.sum(1, dtype=np.float64)
     d_inv_sqrt = 1.0 / np.sqrt(d)
     normalized = graph.astype(np.float64) * d_inv_sqrt[:, None] * d_inv_sqrt[None, :]
@@ -89,7 +139,7 @@ def _dense_fiedler(graph: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
 
 def affinity_torch(features: np.ndarray, tau: float, eps: float, device: torch.device) -> torch.Tensor:
     """`affinity` as a torch tensor on `device` (float32, the same thresholding;
-    on the CPU the same bytes: it is `affinity`)."""
+    on the CPU it is `affinity`, the lower triangle; on a GPU the whole matrix)."""
     if device.type == "cpu":
         return torch.from_numpy(affinity(features, tau, eps))
     f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
@@ -97,29 +147,10 @@ def affinity_torch(features: np.ndarray, tau: float, eps: float, device: torch.d
     return (f @ f.T).ge_(tau).clamp_min_(eps)
 
 
+ARPACK_NCV = 8  # ARPACK's Lanczos vectors: 5 saves a quarter on clean graphs but is 4x slower on noisy ones
 LANCZOS_STEPS = 40  # Krylov vectors per restart of the batched solver (it stops early once all converged)
 LANCZOS_RESTARTS = 50
 LANCZOS_TOL = 1e-5  # residual |M u - mu u| of the unit Ritz vector u
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """A torch graph's nodes `nodes` (their indices; None: all of them) as the
-    system to solve, without copying the sub-matrix out: `fiedler_batch`
-    masks the other nodes (a copy of a 3600-node graph cost more than its
-    Lanczos solve)."""
-    graph: torch.Tensor
-    nodes: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.graph) if self.nodes is None else len(self.nodes)
-
-    def copied(self) -> torch.Tensor:
-        return self.graph if self.nodes is None else _sub(self.graph, self.nodes)
-
-    def of(self, x: np.ndarray) -> np.ndarray:
-        """The system's entries of a vector over the graph's nodes."""
-        return x[: len(self.graph)] if self.nodes is None else x[self.nodes]
 
 
 def fiedler_batch(systems: list) -> list[tuple[np.ndarray, float]]:
@@ -150,8 +181,7 @@ def fiedler_batch(systems: list) -> list[tuple[np.ndarray, float]]:
             kept[i, : len(g.graph)] = True
         else:
             kept[i, torch.from_numpy(g.nodes).to(device)] = True
-    ones = kept.float()
-    d = torch.stack([ones[i] @ g for i, g in enumerate(full)]).double()  # degrees within the system (A symmetric)
+    d = _times(full, kept.float()).double()  # degrees within the system
     s = torch.where(kept, d.clamp_min(1e-300).rsqrt(), 0.0)
     mu, v, unconverged = _lanczos_second(full, s, d, kept)
     x = (v.double() * s).cpu().numpy()
@@ -178,6 +208,7 @@ def _dense_batch(graphs: list[torch.Tensor], sizes: list[int], device: torch.dev
     """Small graphs: one batched dense eigh of the zero-padded batch."""
     n = max(sizes)
     a = torch.stack(graphs) if all(size == n for size in sizes) else _padded(graphs, n, device)
+    a = torch.tril(a) + torch.tril(a, -1).transpose(1, 2)  # the whole matrices (a CPU graph is its lower triangle)
     real = torch.arange(n, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
     d = a.sum(-1).double()  # float32 sums, as `fiedler` (a float64 reduction is 13x slower on CPU)
     s = torch.where(real, d.clamp_min(1e-300).rsqrt(), 0.0)
@@ -212,9 +243,8 @@ def _lanczos_second(graphs: list[torch.Tensor], s: torch.Tensor, d: torch.Tensor
         sub = [graphs[j] for j in todo.tolist()]  # the unconverged graphs only (views: nothing copied)
         sub_s, sub_t = s32[todo], top[todo]
 
-        def matvec(x: torch.Tensor) -> torch.Tensor:  # x^T A = (A x)^T: 2x faster than A x on CPU
-            sx = sub_s * x
-            y = sub_s * torch.stack([sx[k] @ g for k, g in enumerate(sub)])
+        def matvec(x: torch.Tensor) -> torch.Tensor:
+            y = sub_s * _times(sub, sub_s * x)
             return y - sub_t * (sub_t * x).sum(1, keepdim=True)
 
         theta, u, residual = _lanczos(matvec, v[todo], LANCZOS_STEPS)
@@ -223,6 +253,16 @@ def _lanczos_second(graphs: list[torch.Tensor], s: torch.Tensor, d: torch.Tensor
         if not len(todo):
             break
     return mu, v, todo.tolist()
+
+
+def _times(graphs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A_k x_k for each row k of x (B x N) and its graph A_k (N x N): on the
+    CPU its lower triangle (ssymv: 2.5x torch's x^T A at 3600 nodes, reading
+    half the bytes), on a GPU the whole matrix."""
+    if x.device.type == "cpu":
+        rows = x.numpy()
+        return torch.from_numpy(np.stack([symmetric_times(g.numpy(), rows[k]) for k, g in enumerate(graphs)]))
+    return torch.stack([x[k] @ g for k, g in enumerate(graphs)])  # x^T A = (A x)^T
 
 
 def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,7 +280,7 @@ def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.T
         w = matvec(q)
         alpha[:, j] = torch.where(alive, (w * q).sum(1).double(), -4.0)
         for _ in range(2):  # twice is enough (Kahan): orthogonal to float32 precision
-            w = w - torch.bmm(torch.bmm(basis[:, : j + 1], w[:, :, None]).transpose(1, 2), basis[:, : j + 1])[:, 0]
+            w = _orthogonal(w, basis[:, : j + 1])
         norm = torch.linalg.vector_norm(w, dim=1)
         alive = alive & (norm > 1e-5)
         beta[:, j] = torch.where(alive, norm.double(), 0.0)
@@ -251,6 +291,14 @@ def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.T
         q = torch.where(alive[:, None], w / norm.clamp_min(1e-30)[:, None], 0.0)
     theta, y, residual = _ritz(alpha, beta)
     return theta, _ritz_vector(y, basis), residual
+
+
+def _orthogonal(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Each row of w (k x n) minus its projection on its rows of basis (k x j x n, orthonormal)."""
+    if w.device.type == "cpu":  # NumPy's matmul: torch's bmm runs on MKL, whose idle threads spun
+        b, x = basis.numpy(), w.numpy()  # against OpenBLAS's ssymv (the solve 2x slower on 2 cores)
+        return torch.from_numpy(x - np.matmul(np.matmul(b, x[:, :, None]).transpose(0, 2, 1), b)[:, 0])
+    return w - torch.bmm(torch.bmm(basis, w[:, :, None]).transpose(1, 2), basis)[:, 0]
 
 
 def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,7 +312,11 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _ritz_vector(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """The unit Ritz vector basis^T y, per row."""
-    u = torch.bmm(y.float()[:, None, :], basis)[:, 0]
+    y = y.float()[:, None, :]
+    if basis.device.type == "cpu":  # NumPy's matmul, as in _orthogonal
+        u = torch.from_numpy(np.matmul(y.numpy(), basis.numpy()))[:, 0]
+    else:
+        u = torch.bmm(y, basis)[:, 0]
     return u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
 
 
@@ -326,8 +378,8 @@ class Graph:
         if self.token is None:
             if len(nodes) == len(self.graph):
                 return self.graph, None
-            if isinstance(self.graph, torch.Tensor):  # the torch solver masks the rest (Restriction)
-                return Restriction(self.graph, nodes), None
+            if isinstance(self.graph, torch.Tensor) or len(nodes) > DENSE_MAX_NODES:
+                return Restriction(self.graph, nodes), None  # the solver masks the rest
             return _sub(self.graph, nodes), None
         tokens, at, sizes = np.unique(self.token[nodes], return_inverse=True, return_counts=True)
         weights = sizes.astype(np.float32)
@@ -337,13 +389,14 @@ class Graph:
 
 
 def _sub(graph: np.ndarray | torch.Tensor, nodes: np.ndarray) -> np.ndarray | torch.Tensor:
+    """The sub-graph on `nodes`, in ascending order: a lower triangle stays one."""
     if isinstance(graph, torch.Tensor):
         index = torch.from_numpy(nodes).to(graph.device)
         return graph.index_select(0, index).index_select(1, index)
     return np.take(np.take(graph, nodes, 0), nodes, 1)  # graph[np.ix_(nodes, nodes)], 2.4x faster
 
 
-def solve_each(systems: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+def solve_each(systems: list[np.ndarray | Restriction]) -> list[tuple[np.ndarray, float]]:
     """The scipy solver: one image's graph at a time (`fiedler`), a stop point before each."""
     out = []
     for graph in systems:
@@ -484,9 +537,11 @@ def discover_images(features: list[np.ndarray], grid: tuple[int, int], cfg, devi
     return cut_graphs(graphs_of(features, cfg, device), grid, cfg)
 
 
-VERSION = 6  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
+VERSION = 7  # 2: float32 similarities; 3: float32 deflated ARPACK solve; 4: naming device/dtype in keys;
 # 5: degenerate cuts dropped, images without an object are failed items; 6: solver torch's graph on the CPU
-# is `affinity`'s (NumPy's symmetric product: torch's matmul rounds otherwise, an edge at tau could flip)
+# is `affinity`'s (NumPy's symmetric product: torch's matmul rounds otherwise, an edge at tau could flip);
+# 7: above 400 nodes the solves read the graph's lower triangle (ssymv) and mask a later round's sub-graph
+# instead of copying it out (other roundings; up to 400 nodes the same bytes)
 
 
 def discover_batch(encoder: Encoder, cfg: Discover, grid: tuple[int, int, int], rows: list[dict]) -> pa.Table | Partial:

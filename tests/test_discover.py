@@ -268,3 +268,43 @@ def test_a_graph_the_batched_lanczos_leaves_unconverged_takes_the_one_image_solv
     for graph, (x, value) in zip(graphs, out):
         expected, expected_value = real_fiedler(graph)
         assert np.array_equal(x, expected) and value == expected_value
+
+
+def test_a_graph_is_its_lower_triangle_with_the_whole_products_bytes():
+    """`affinity` keeps the lower triangle of f f^T thresholded (the upper is
+    0), whose mirror is byte for byte NumPy's whole f @ f.T thresholded; a
+    solve reads the lower triangle only, so a whole symmetric matrix gives
+    the same bytes."""
+    from tasks.discover import fiedler, mirrored
+
+    rng = np.random.default_rng(6)
+    for n, tau in ((3, 0.1), (300, 0.1), (700, 0.2)):  # up to 256 rows: one block; 700: three
+        feats = rng.normal(size=(n, 24)).astype(np.float32)
+        f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        whole = np.where(f @ f.T >= tau, 1.0, 1e-5).astype(np.float32)
+        graph = affinity(feats, tau, 1e-5)
+        assert graph.dtype == np.float32 and graph.flags.c_contiguous
+        assert not np.triu(graph, 1).any()
+        assert np.array_equal(mirrored(graph), whole)
+        for (x, value), (y, whole_value) in zip([fiedler(graph)], [fiedler(whole)]):
+            assert np.array_equal(x, y) and value == whole_value
+
+
+def test_a_cut_of_some_nodes_masks_the_rest_as_the_sub_graph_would():
+    """MaskCut's later rounds: the ARPACK solve of a Restriction (the nodes
+    left after a cut, the others masked in the whole graph) finds the cut
+    and the eigenvalue of the sub-graph copied out."""
+    from tasks.discover import DENSE_MAX_NODES, Restriction, _sub, fiedler
+
+    rng = np.random.default_rng(7)
+    n = 1200
+    labels = rng.integers(0, 3, n)
+    feats = np.eye(8)[labels] + rng.normal(0, 0.2, (n, 8))
+    graph = affinity(feats, 0.3, 1e-5)
+    nodes = np.flatnonzero(labels > 0)  # the first object cut away
+    assert len(nodes) > DENSE_MAX_NODES
+    x, value = fiedler(Restriction(graph, nodes))
+    expected, expected_value = fiedler(_sub(graph, nodes))
+    assert len(x) == len(nodes) and value == pytest.approx(expected_value, abs=1e-5)
+    assert _iou(x, expected) == 1.0 and np.dot(x, expected) > 0
+    assert np.array_equal(x > x.mean(), labels[nodes] == labels[nodes][np.argmax(x)])
