@@ -17,7 +17,7 @@ from mirage.data import schema
 from mirage.data.params import Sources
 from mirage.data.store import ERRORS, ShardStore, atomic_write_json
 from mirage.run.stage import command, parse, progress, report_errors
-from mirage.data.sources import SCAN, find_files, scan_digest
+from mirage.data.sources import SCAN, find_files, record_scan
 from tasks.import_images import import_batch, plan
 
 
@@ -35,8 +35,9 @@ def import_flow(cfg: Sources, out: str, root: str = ".") -> dict:
         stats = store.update(found.wanted, lambda specs: import_batch(cfg, specs), 64, bar.update,
                              on_plan=bar.plan)
     report_errors("import", out, stats)
-    atomic_write_json(Path(out) / SCAN, {"digest": scan_digest(found.files), "entries": list(cfg.images),
-                                         "files": len(found.files), "duplicates": found.duplicates})
+    atomic_write_json(Path(out) / SCAN, {"entries": list(cfg.images), "files": len(found.files),
+                                         "duplicates": found.duplicates})
+    record_scan(Path(root).absolute(), out, found.files)  # outside the table: it holds file times
     log.info("import: %d files, %d images (%d computed, %d reused), %d duplicates, %d failed", len(found.files),
              stats.wanted, stats.computed, stats.reused, len(found.duplicates), len(stats.failed))
     return {"files": len(found.files), "items": stats.wanted, "computed": stats.computed, "reused": stats.reused,

@@ -73,6 +73,46 @@ def test_import_folder_rows_orientation_errors_duplicates_and_one_new_file(tmp_p
     assert (third["items"], third["computed"]) == (5, 1)
 
 
+def test_the_scan_of_the_files_stays_outside_the_table(tmp_path):
+    """The table's bytes depend on the files' contents only: touching them
+    (a fresh checkout, a re-render of the same scenes) is seen as a change
+    by the scan, and the rerun gives the same table byte for byte, so the
+    stages reading it stay up to date.  A table without this workspace's
+    scan (pulled, checked out) is rescanned."""
+    import os
+
+    from flows.import_images import import_flow
+    from mirage.data.sources import scan_record, sources_changed
+
+    user_folder(tmp_path / "mine")
+    cfg = Sources(images=("mine",), max_size=48)
+    out = tmp_path / "data" / "imported"
+    assert not sources_changed(tmp_path, cfg.images, out)  # never made: DVC runs the stage anyway
+    import_flow(cfg, str(out), str(tmp_path))
+    assert scan_record(tmp_path, out) == tmp_path / ".mirage" / "scans" / "data" / "imported.json"
+    table = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "digest" not in __import__("json").loads(table["sources.json"])
+    assert not sources_changed(tmp_path, cfg.images, out)
+
+    for f in (tmp_path / "mine").rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert sources_changed(tmp_path, cfg.images, out)
+    assert import_flow(cfg, str(out), str(tmp_path))["computed"] == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == table
+    assert not sources_changed(tmp_path, cfg.images, out)
+
+    scan_record(tmp_path, out).unlink()  # the table pulled or checked out: made from files we never scanned
+    assert sources_changed(tmp_path, cfg.images, out)
+    import_flow(cfg, str(out), str(tmp_path))
+    assert not sources_changed(tmp_path, cfg.images, out)
+    Image.fromarray(picture(36, 36, 5)).save(tmp_path / "other.png")
+    other = tmp_path / "other"
+    import_flow(Sources(images=("other.png",), max_size=48), str(other), str(tmp_path))
+    shutil.rmtree(out)
+    shutil.copytree(other, out)  # another table checked out in its place: the record is of the one before
+    assert sources_changed(tmp_path, cfg.images, out)
+
+
 def test_bad_source_entries_are_named(tmp_path):
     from mirage.data.sources import find_files
 

@@ -4,6 +4,9 @@ Entries are folders (searched recursively for image files), globs, or COCO
 JSON files (their `images` list; `file_name` relative to the JSON's folder).
 The scan is a stat per file, never a read: `mirage run` and `mirage status`
 call it to decide whether the import stage is stale (DVC sees only the params).
+Its digest holds modification times, so it is kept outside the table
+(`.mirage/scans/`): inside, a fresh checkout or a re-render of the same
+files changed the table's DVC hash and made every later stage stale.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirage.data.params import ParamsError
+from mirage.data.store import MANIFEST, atomic_write_json, read_manifest
 
-SCAN = "sources.json"  # beside the import table's shards: the files found and their scan digest
+SCAN = "sources.json"  # beside the import table's shards: the entries, how many files, the duplicates
+SCANS = Path(".mirage") / "scans"  # under the project root: each import table's last scan digest
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -74,10 +79,30 @@ def scan_digest(files: list[SourceFile]) -> str:
     return h.hexdigest()[:16]
 
 
-def recorded_scan(table: str | Path) -> str | None:
-    """The scan digest of the files the import table was last made from (None: never made)."""
-    path = Path(table) / SCAN
-    return json.loads(path.read_text())["digest"] if path.exists() else None
+def scan_record(root: Path, table: str | Path) -> Path:
+    """Where the scan of the import table at `table` is recorded: its path
+    under the project root mirrored in SCANS (outside the root: a hash of it)."""
+    table = Path(table).absolute()
+    name = table.relative_to(root.absolute()) if table.is_relative_to(root.absolute()) else \
+        Path(hashlib.sha256(str(table).encode()).hexdigest()[:16])
+    return root / SCANS / name.with_name(name.name + ".json")
+
+
+def record_scan(root: Path, table: str | Path, files: list[SourceFile]) -> None:
+    """Record the scan the table at `table` was just made from, and which
+    table that is (its manifest's keys digest)."""
+    atomic_write_json(scan_record(root, table), {"digest": scan_digest(files), "keys": read_manifest(table).get("keys")})
+
+
+def recorded_scan(root: Path, table: str | Path) -> str | None:
+    """The scan digest of the files the import table at `table` was last
+    made from, when this workspace made the table that is there now (None:
+    no record, or the table was made elsewhere or checked out since)."""
+    path = scan_record(root, table)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["digest"] if record.get("keys") == read_manifest(table).get("keys") else None
 
 
 def check_entries(root: Path, entries: tuple[str, ...], produced: tuple[Path, ...] = ()) -> None:
@@ -101,10 +126,14 @@ def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, pro
     those the import table at `table` was made from.  An entry inside one of
     the `produced` paths (another stage's output, as toyworld's unlabeled
     scenes) that is not there yet is a change, not an error: the pipeline
-    makes it before the import stage runs."""
-    recorded = recorded_scan(table)
+    makes it before the import stage runs.  A table with no scan of this
+    workspace (pulled, checked out) is rescanned by running the stage, which
+    reads each file once and changes nothing when the files are the same."""
+    if not (Path(table) / MANIFEST).exists():
+        return False  # never made: DVC runs the stage
+    recorded = recorded_scan(root, table)
     if recorded is None:
-        return False
+        return True
     if made_later(root, entries, produced):
         return True
     return recorded != scan_digest(find_files(entries, root))
