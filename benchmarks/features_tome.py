@@ -168,12 +168,16 @@ def cuts_at_scale(args) -> None:
     for name, (fs, on_merged, solver) in runs.items():
         run_cfg = cfg.model_copy(update={"on_merged": on_merged, "solver": solver})
         # a first batch, untimed, as a stage's later batches run: library set-up, ARPACK's first calls, the
-        # process's first N x N buffers (a timed first batch measured scipy at 2.7 instead of 6.2-6.5 img/s)
+        # process's first N x N buffers (a timed first batch measured scipy at 2.7 instead of 6.2-6.5 img/s);
+        # then the median of `--cut-repeats` batches (one batch's rate varied by a quarter from run to run)
         discover_images(fs, (side, side), run_cfg, device)
-        start = time.perf_counter()
-        masks[name] = discover_images(fs, (side, side), run_cfg, device)  # the images of one batch
-        sync(device)
-        rates[name] = len(fs) / (time.perf_counter() - start)
+        times = []
+        for _ in range(args.cut_repeats):
+            start = time.perf_counter()
+            masks[name] = discover_images(fs, (side, side), run_cfg, device)  # the images of one batch
+            sync(device)
+            times.append(time.perf_counter() - start)
+        rates[name] = len(fs) / float(np.median(times))
 
     def iou(a, b) -> float:  # the union of each image's masks
         ua = [np.any([c.patch_mask for c in cuts], 0) if cuts else np.zeros((side, side), bool) for cuts in a]
@@ -191,11 +195,14 @@ def cuts_at_scale(args) -> None:
     print(f"IoU, merged graph vs merged mapped back: {iou(masks['merged graph (on_merged)'], masks['merged, mapped back']):.4f}")
     for solver in ("scipy", "torch"):  # what every cut of the unmerged graph pays before any solve
         run_cfg = cfg.model_copy(update={"solver": solver})
-        for timed_batch in (False, True):  # the second batch timed, as above
+        graphs_of(feats, run_cfg, device)  # untimed, then the median of timed batches, as above
+        times = []
+        for _ in range(args.cut_repeats):
             start = time.perf_counter()
             graphs_of(feats, run_cfg, device)
             sync(device)
-        rate = len(feats) / (time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+        rate = len(feats) / float(np.median(times))
         print(f"the {side * side} x {side * side} graphs alone (f f^T thresholded), solver {solver}: {rate:.2f} img/s, "
               f"the ceiling of unmerged MaskCut on this machine")
 
@@ -215,6 +222,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument("--nodes", type=int, default=3600)
     p.add_argument("--cut-images", type=int, default=8, help="images of one discover batch")
+    p.add_argument("--cut-repeats", type=int, default=5, help="timed batches a cut method (their median)")
     p.add_argument("--device", default="cpu", help="throughput and solver torch's device (auto: cuda when there is one)")
     p.add_argument("--dtype", default="auto", help="throughput on a GPU: auto (float16 autocast) or float32")
     p.add_argument("--tau-scale", type=float, default=0.2)
