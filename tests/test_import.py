@@ -77,8 +77,9 @@ def test_the_scan_of_the_files_stays_outside_the_table(tmp_path):
     """The table's bytes depend on the files' contents only: touching them
     (a fresh checkout, a re-render of the same scenes) is seen as a change
     by the scan, and the rerun gives the same table byte for byte, so the
-    stages reading it stay up to date.  A table without this workspace's
-    scan (pulled, checked out) is rescanned."""
+    stages reading it stay up to date.  A table this workspace did not make
+    (pulled, checked out) is taken as it is, its files as they are now the
+    baseline of the next scan."""
     import os
 
     from flows.import_images import import_flow
@@ -101,16 +102,20 @@ def test_the_scan_of_the_files_stays_outside_the_table(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == table
     assert not sources_changed(tmp_path, cfg.images, out)
 
-    scan_record(tmp_path, out).unlink()  # the table pulled or checked out: made from files we never scanned
-    assert sources_changed(tmp_path, cfg.images, out)
-    import_flow(cfg, str(out), str(tmp_path))
+    scan_record(tmp_path, out).unlink()  # the table pulled into a fresh clone: no scan of ours
+    assert not sources_changed(tmp_path, cfg.images, out)  # taken as DVC takes it, these files the baseline
+    assert scan_record(tmp_path, out).exists()
+    Image.fromarray(picture(36, 36, 6)).save(tmp_path / "mine" / "added.png")
+    assert sources_changed(tmp_path, cfg.images, out)  # a file added after the pull is seen
+    (tmp_path / "mine" / "added.png").unlink()
     assert not sources_changed(tmp_path, cfg.images, out)
     Image.fromarray(picture(36, 36, 5)).save(tmp_path / "other.png")
     other = tmp_path / "other"
     import_flow(Sources(images=("other.png",), max_size=48), str(other), str(tmp_path))
     shutil.rmtree(out)
     shutil.copytree(other, out)  # another table checked out in its place: the record is of the one before
-    assert sources_changed(tmp_path, cfg.images, out)
+    (tmp_path / "mine" / "a.png").touch()
+    assert not sources_changed(tmp_path, cfg.images, out)  # not compared with that record: taken as it is
 
 
 def test_bad_source_entries_are_named(tmp_path):

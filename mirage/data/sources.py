@@ -126,14 +126,16 @@ def sources_changed(root: Path, entries: tuple[str, ...], table: str | Path, pro
     those the import table at `table` was made from.  An entry inside one of
     the `produced` paths (another stage's output, as toyworld's unlabeled
     scenes) that is not there yet is a change, not an error: the pipeline
-    makes it before the import stage runs.  A table with no scan of this
-    workspace (pulled, checked out) is rescanned by running the stage, which
-    reads each file once and changes nothing when the files are the same."""
+    makes it before the import stage runs.  A table this workspace did not
+    make (pulled, checked out) is taken as it is, as DVC takes it, and the
+    files as they are now are recorded as what it was made from: later
+    changes to them are seen (`mirage pull` checks right after pulling)."""
     if not (Path(table) / MANIFEST).exists():
         return False  # never made: DVC runs the stage
+    later = made_later(root, entries, produced)
     recorded = recorded_scan(root, table)
     if recorded is None:
-        return True
-    if made_later(root, entries, produced):
-        return True
-    return recorded != scan_digest(find_files(entries, root))
+        if not later:
+            record_scan(root, table, find_files(entries, root))
+        return False
+    return later or recorded != scan_digest(find_files(entries, root))
