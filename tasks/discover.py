@@ -293,12 +293,17 @@ def _lanczos(matvec, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.T
     return theta, _ritz_vector(y, basis), residual
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b.  On the CPU by NumPy's matmul: torch's bmm runs on MKL, whose idle
+    threads spun against OpenBLAS's ssymv (the batched solve 2x slower on 2 cores)."""
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    return torch.bmm(a, b)
+
+
 def _orthogonal(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Each row of w (k x n) minus its projection on its rows of basis (k x j x n, orthonormal)."""
-    if w.device.type == "cpu":  # NumPy's matmul: torch's bmm runs on MKL, whose idle threads spun
-        b, x = basis.numpy(), w.numpy()  # against OpenBLAS's ssymv (the solve 2x slower on 2 cores)
-        return torch.from_numpy(x - np.matmul(np.matmul(b, x[:, :, None]).transpose(0, 2, 1), b)[:, 0])
-    return w - torch.bmm(torch.bmm(basis, w[:, :, None]).transpose(1, 2), basis)[:, 0]
+    return w - _bmm(_bmm(basis, w[:, :, None]).transpose(1, 2), basis)[:, 0]
 
 
 def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,11 +317,7 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _ritz_vector(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """The unit Ritz vector basis^T y, per row."""
-    y = y.float()[:, None, :]
-    if basis.device.type == "cpu":  # NumPy's matmul, as in _orthogonal
-        u = torch.from_numpy(np.matmul(y.numpy(), basis.numpy()))[:, 0]
-    else:
-        u = torch.bmm(y, basis)[:, 0]
+    u = _bmm(y.float()[:, None, :], basis)[:, 0]
     return u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
 
 
